@@ -1,0 +1,616 @@
+"""Recipes: one typed schema for a training run, YAML in, one clear sentence out when it is wrong.
+
+A recipe is a YAML file with the sections ``model``, ``data``, ``tokenizer``, ``optimizer``,
+``schedule``, ``trainer``, ``quant``, ``logging``, ``checkpoint`` plus ``name``, ``description``
+and ``seed``. Every section is a pydantic model that forbids unknown keys, so a typo such as
+``trainer.max_step`` fails with a did-you-mean instead of being silently ignored.
+
+``load_recipe("recipes/mlstm_stc.yaml")`` loads a file; ``load_recipe("mlstm_stc")`` loads a
+shipped recipe from anywhere. ``overrides=["trainer.max_steps=200"]`` (the CLI's ``--set``)
+edits the raw YAML before validation, so an override is checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Iterable, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ternkit.errors import TernkitError
+
+__all__ = [
+    "Recipe",
+    "ModelConfig",
+    "MoEConfig",
+    "DataConfig",
+    "ParityConfig",
+    "MqarConfig",
+    "TokenizerConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainerConfig",
+    "QuantConfig",
+    "LoggingConfig",
+    "CheckpointConfig",
+    "PROJECTIONS",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_dirs",
+    "list_recipes",
+    "resolve_recipe",
+]
+
+Projection = Literal["up", "qkv", "down", "ffn", "head"]
+FfnKind = Literal["none", "dense", "ternary", "moe"]
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
+
+
+class _Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+class MoEConfig(_Section):
+    """Top-k Mixture-of-Experts FFN settings (used by blocks whose ``ffn`` kind is ``"moe"``)."""
+
+    experts: int = Field(12, ge=1, description="number of routed experts")
+    top_k: int = Field(3, ge=1, description="experts each token is sent to")
+    hidden: int | None = Field(None, ge=1, description="expert hidden width; None -> ffn_factor * d_model / top_k")
+    renormalize: bool = Field(True, description="renormalise the top-k gate weights to sum to 1")
+    jitter: float = Field(0.0, ge=0.0, description="multiplicative router input noise during training")
+    aux_loss_weight: float = Field(0.01, ge=0.0, description="Switch load-balance loss weight")
+    z_loss_weight: float = Field(1e-3, ge=0.0, description="ST-MoE router z-loss weight")
+    balancing: Literal["aux_loss", "aux_free"] = Field("aux_loss", description="aux loss, or DeepSeek-V3 bias balancing")
+    bias_update_rate: float = Field(1e-3, ge=0.0, description="per-step bias update for aux_free balancing")
+    capacity_factor: float = Field(0.0, ge=0.0, description="0 = dropless; >0 caps tokens per expert")
+    shared_expert: bool = Field(False, description="add one always-on expert")
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoEConfig":
+        if self.top_k > self.experts:
+            raise ValueError(f"model.moe.top_k ({self.top_k}) must not exceed model.moe.experts ({self.experts})")
+        return self
+
+
+class ModelConfig(_Section):
+    """The network: an xLSTM/mLSTM block stack with optional ternary projections, STC memory and MoE FFNs.
+
+    ``ternary_projections`` names the weight groups that are ternarized: ``up``/``qkv``/``down`` are the
+    mLSTM layer's projections, ``head`` the LM head, ``ffn`` the experts of ``moe`` blocks. An ``ffn``
+    kind of ``"ternary"`` is always a ternary FFN and ``"dense"`` always a full-precision one.
+    """
+
+    arch: Literal["xlstm_lm"] = "xlstm_lm"
+    d_model: int = Field(128, ge=1)
+    n_blocks: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    vocab_size: int | None = Field(None, ge=2, description="None -> taken from the tokenizer or synthetic task")
+    context_length: int = Field(128, ge=2)
+    tie_embeddings: bool = True
+    proj_factor: float = Field(2.0, gt=0.0, description="mLSTM up-projection factor")
+    conv_kernel: int = Field(4, ge=1)
+    qkv_blocksize: int = Field(4, ge=1)
+    chunk_size: int = Field(64, ge=1, description="chunkwise-parallel mLSTM chunk length")
+    gate_mode: Literal["sigmoid", "ternary"] = "sigmoid"
+    memory_backend: Literal["dense", "stc_sparse"] = "dense"
+    target_sparsity: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of zero trits the STC memory aims at")
+    ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])
+    ffn: FfnKind | list[FfnKind] = Field("none", description="one kind for every block, or one per block")
+    ffn_factor: float = Field(2.667, gt=0.0)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if isinstance(self.ffn, list) and len(self.ffn) != self.n_blocks:
+            raise ValueError(
+                f"model.ffn lists {len(self.ffn)} kinds but model.n_blocks is {self.n_blocks}; give one per block or a single kind"
+            )
+        return self
+
+    def ffn_kinds(self) -> list[str]:
+        """The FFN kind of each block, length ``n_blocks``."""
+        return list(self.ffn) if isinstance(self.ffn, list) else [self.ffn] * self.n_blocks
+
+    def is_ternary(self, projection: str) -> bool:
+        """Whether the weight group ``projection`` (one of ``PROJECTIONS``) is ternarized."""
+        if projection not in PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}; expected one of {PROJECTIONS}")
+        return self.ternary_projections == "all" or projection in self.ternary_projections
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class ParityConfig(_Section):
+    """Parity of a bit string: train on lengths ``train_len_min..train_len_max``, evaluate at ``eval_len``."""
+
+    train_len_min: int = Field(1, ge=1)
+    train_len_max: int = Field(16, ge=1)
+    eval_len: int = Field(64, ge=1)
+    num_val: int = Field(512, ge=1, description="validation examples (fixed, seeded)")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "ParityConfig":
+        if self.train_len_min > self.train_len_max:
+            raise ValueError("data.parity.train_len_min must not exceed data.parity.train_len_max")
+        return self
+
+
+class MqarConfig(_Section):
+    """Multi-query associative recall (Zoology-style): key-value pairs, then some keys queried again."""
+
+    vocab_size: int = Field(256, ge=8, description="keys use ids [1, vocab/2), values [vocab/2, vocab); 0 is filler")
+    seq_len: int = Field(64, ge=4, description="input length of every example")
+    num_kv_pairs: int = Field(8, ge=1)
+    num_queries: int | None = Field(None, ge=1, description="None -> num_kv_pairs")
+    num_val: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "MqarConfig":
+        q = self.num_queries if self.num_queries is not None else self.num_kv_pairs
+        if q > self.num_kv_pairs:
+            raise ValueError("data.mqar.num_queries must not exceed data.mqar.num_kv_pairs")
+        if self.num_kv_pairs > self.vocab_size // 2 - 1:
+            raise ValueError(f"data.mqar.num_kv_pairs needs at least that many distinct keys; raise data.mqar.vocab_size above {2 * self.num_kv_pairs + 2}")
+        if 2 * self.num_kv_pairs + q > self.seq_len:
+            raise ValueError(f"data.mqar.seq_len ({self.seq_len}) is too short for {self.num_kv_pairs} pairs and {q} queries")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the training text comes from, how it is split and cached; or a synthetic task."""
+
+    source: Literal["stdlib", "files", "hub", "parity", "mqar"] = "stdlib"
+    paths: list[str] = Field(default_factory=list, description="files or globs (text, jsonl/json, parquet) for source=files")
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    text_field: str = "text"
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    max_chars: int | None = Field(6_000_000, ge=1, description="cap on corpus characters (None = no cap)")
+    max_files: int | None = Field(None, ge=1, description="cap on files/documents read")
+    cache_dir: str | None = Field(None, description="token cache; None -> <run dir>/data")
+    parity: ParityConfig = Field(default_factory=ParityConfig)
+    mqar: MqarConfig = Field(default_factory=MqarConfig)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataConfig":
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source is 'files' but data.paths is empty; list the files or globs to train on")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.source is 'hub' but data.hub_name is not set")
+        return self
+
+    @property
+    def synthetic(self) -> bool:
+        """True for the synthetic tasks (no tokenizer, no text)."""
+        return self.source in ("parity", "mqar")
+
+
+class TokenizerConfig(_Section):
+    """Byte-level (256 ids, nothing to train), a byte-level BPE trained on the training split, or a tokenizer.json."""
+
+    kind: Literal["byte", "bpe", "file"] = "byte"
+    vocab_size: int = Field(4096, ge=257, description="BPE vocabulary size (kind=bpe)")
+    min_frequency: int = Field(2, ge=1)
+    path: str | None = Field(None, description="tokenizer.json, or a folder holding one (kind=file)")
+
+    @model_validator(mode="after")
+    def _file_has_path(self) -> "TokenizerConfig":
+        if self.kind == "file" and not self.path:
+            raise ValueError("tokenizer.kind is 'file' but tokenizer.path is not set")
+        return self
+
+
+# ------------------------------------------------------------------------------ optimisation etc.
+
+
+class OptimizerConfig(_Section):
+    """Optimizer; ``two_stage`` is BitNet b1.58's schedule (LR drops and weight decay goes to 0 at ``two_stage_at``)."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon momentum")
+    two_stage: bool = False
+    two_stage_at: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of max_steps where stage two starts")
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule: linear warm-up, then cosine/linear decay to ``min_lr_ratio * lr`` or constant."""
+
+    warmup_steps: int = Field(100, ge=0)
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainerConfig(_Section):
+    """Lightning Trainer settings. ``batch_size`` is per device; steps are optimizer steps."""
+
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    precision: Literal["32", "bf16-mixed", "16-mixed", "bf16-true"] = "32"
+    devices: Literal["auto"] | int | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    val_every: int = Field(200, ge=1, description="validate every N optimizer steps")
+    val_batches: int = Field(20, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0, description="print a generated sample every N steps (0 = never)")
+    sample_tokens: int = Field(128, ge=1)
+    sample_prompt: str = "def "
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, v: Any) -> Any:
+        # YAML reads `precision: 32` as an int; Lightning's spelling is the string "32".
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class QuantConfig(_Section):
+    """How ternary weights are scaled, and whether activations are quantized (BitNet: int8 absmax per token)."""
+
+    scale: Literal["absmean", "per_row", "lsq", "group"] = "absmean"
+    act_bits: Literal[8] | None = None
+    group_size: int = Field(128, ge=1, description="weights per scale for scale=group")
+
+
+class LoggingConfig(_Section):
+    """Where metrics go: a CSV log always, TensorBoard when installed (``"auto"``) or on demand."""
+
+    csv: bool = True
+    tensorboard: Literal["auto"] | bool = "auto"
+    telemetry_every: int = Field(50, ge=1, description="trit/dead-zone telemetry every N steps")
+
+
+class CheckpointConfig(_Section):
+    """Checkpoints: ``dir`` None -> runs/<name>; ``every_steps`` 0 -> only at validation and the end."""
+
+    dir: str | None = None
+    every_steps: int = Field(500, ge=0)
+    keep_best: bool = True
+
+
+class Recipe(_Section):
+    """A complete, validated training recipe."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 1234
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError(f"name {v!r} must be a plain folder name (no slashes)")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: ``checkpoint.dir`` if set, else ``runs/<name>`` (relative to the working directory)."""
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (every default filled in) as plain YAML/JSON-safe Python data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML text, loadable again with ``load_recipe``."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+
+    def summary(self) -> str:
+        """One line describing the architecture and data (used by ``ternkit recipes list``)."""
+        m = self.model
+        kinds = m.ffn_kinds()
+        ffn = ",".join(dict.fromkeys(kinds))
+        if "moe" in kinds:
+            ffn += f" ({m.moe.experts}x top-{m.moe.top_k})"
+        tern = "all" if m.ternary_projections == "all" else (",".join(m.ternary_projections) or "none")
+        data = self.data.source if self.data.synthetic else f"{self.data.source}/{self.tokenizer.kind}"
+        return (
+            f"{m.arch} d{m.d_model}x{m.n_blocks} ctx{m.context_length}, {m.memory_backend} memory, "
+            f"{m.gate_mode} gates, ffn {ffn}, ternary {tern}; {data}; {self.trainer.max_steps} steps"
+        )
+
+
+# ------------------------------------------------------------------------------- error messages
+
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+_SINGULAR = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+# Constraint errors whose own message is better than a type description.
+_CONSTRAINT_ERRORS = {
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+    "too_short", "too_long", "string_too_short", "string_too_long",
+}
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model class inside ``annotation`` (possibly wrapped in Optional), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(tp: Any) -> str:
+    """Plain-words description of a type annotation, e.g. "an integer or null"."""
+    if tp is type(None):
+        return "null"
+    if tp in _SINGULAR:
+        return _SINGULAR[tp]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping of keys"
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is Literal:
+        vals = ", ".join(repr(a) for a in args)
+        return vals if len(args) == 1 else f"one of {vals}"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} {_PLURAL.get(args[0], 'values')}"
+    if origin in (list, tuple):
+        inner = args[0] if args else Any
+        if get_origin(inner) is Literal:
+            return "a list drawn from " + ", ".join(repr(a) for a in get_args(inner))
+        return f"a list of {_PLURAL.get(inner, 'values')}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_names(cls: type[BaseModel]) -> list[str]:
+    return list(cls.model_fields)
+
+
+def _all_leaf_paths(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, info in cls.model_fields.items():
+        sub = _model_in(info.annotation)
+        path = f"{prefix}{name}"
+        out.append(path)
+        if sub is not None:
+            out.extend(_all_leaf_paths(sub, path + "."))
+    return out
+
+
+def _suggest(key: str, cls: type[BaseModel], prefix: str) -> str:
+    """A did-you-mean for ``key`` unknown under section ``prefix`` (with its trailing dot)."""
+    close = difflib.get_close_matches(key, _field_names(cls), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    # The right name in the wrong section (e.g. trainer.lr) is a common slip.
+    elsewhere = [p for p in _all_leaf_paths(Recipe) if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"; did you mean '{elsewhere[0]}'?"
+    return f"; valid keys here: {', '.join(_field_names(cls))}"
+
+
+def _check_unknown_keys(raw: dict[str, Any], cls: type[BaseModel], source: str, prefix: str = "") -> None:
+    """Raise a did-you-mean ``TernkitError`` for the first key in ``raw`` that ``cls`` does not define."""
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in cls.model_fields:
+            raise TernkitError(f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), cls, prefix)}")
+        sub = _model_in(cls.model_fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_unknown_keys(value, sub, source, f"{prefix}{key}.")
+
+
+def _empty_sections_to_dicts(raw: dict[str, Any], cls: type[BaseModel]) -> None:
+    """Treat a section written with nothing under it (``trainer:`` -> None) as an empty mapping, in place."""
+    for key, value in list(raw.items()):
+        info = cls.model_fields.get(key) if isinstance(key, str) else None
+        sub = _model_in(info.annotation) if info is not None else None
+        if sub is None:
+            continue
+        if value is None:
+            raw[key] = {}
+        elif isinstance(value, dict):
+            _empty_sections_to_dicts(value, sub)
+
+
+def _loc_to_field(loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """Map a pydantic error location to (dotted field path, field annotation); union tags and list indices fold into the field."""
+    cls: type[BaseModel] | None = Recipe
+    parts: list[str] = []
+    annotation: Any = Recipe
+    for seg in loc:
+        if cls is not None and isinstance(seg, str) and seg in cls.model_fields:
+            parts.append(seg)
+            annotation = cls.model_fields[seg].annotation
+            cls = _model_in(annotation)
+            continue
+        break
+    return ".".join(parts), annotation
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    cur = raw
+    for part in path.split(".") if path else []:
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _one_sentence(exc: ValidationError, raw: dict[str, Any], source: str, overridden: dict[str, str]) -> str:
+    """Turn a pydantic ValidationError into one sentence naming the key and what it must be."""
+    errors = exc.errors(include_url=False)
+    seen: dict[str, str] = {}
+    for err in errors:
+        path, annotation = _loc_to_field(tuple(err["loc"]))
+        if path in seen:  # a union reports once per member; one sentence per key is enough
+            continue
+        etype = err["type"]
+        msg = str(err.get("msg", ""))
+        if etype in ("value_error", "assertion_error"):
+            text = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        elif etype == "missing":
+            text = f"'{path}' is required"
+        elif etype in _CONSTRAINT_ERRORS:
+            got = err.get("input")
+            text = f"'{path}' must be {msg.removeprefix('Input should be ').removeprefix('Value should have ')}, got {got!r}"
+        else:
+            got = _lookup(raw, path) if path else raw
+            text = f"'{path}' must be {_describe(annotation)}, got {got!r}"
+        where = next((f"--set {overridden[p]}" for p in overridden if path == p or path.startswith(p + ".") or p.startswith(path + ".")), None)
+        seen[path] = f"{where or source}: {text}"
+    first = next(iter(seen.values()))
+    more = len(seen) - 1
+    return first.rstrip(".") + (f" (and {more} more)." if more else ".")
+
+
+# ------------------------------------------------------------------------------------ overrides
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Apply one ``a.b.c=value`` override to ``raw`` in place; return the dotted key."""
+    if "=" not in item:
+        raise TernkitError(f"--set expects key=value (e.g. --set trainer.max_steps=200), got {item!r}.")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise TernkitError(f"--set {item}: {key!r} is not a dotted key like trainer.max_steps.")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # an unparsable value stays a string; validation says what it should be
+    cls: type[BaseModel] | None = Recipe
+    cur = raw
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i]) + ("." if i else "")
+        if cls is None:
+            raise TernkitError(f"--set {item}: '{prefix.rstrip('.')}' is a value, not a section, so it has no key '{part}'.")
+        if part not in cls.model_fields:
+            raise TernkitError(f"--set: unknown key '{prefix}{part}'{_suggest(part, cls, prefix)}")
+        if i == len(parts) - 1:
+            cur[part] = value
+            break
+        cls = _model_in(cls.model_fields[part].annotation)
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    return key
+
+
+# ------------------------------------------------------------------------------ finding recipes
+
+
+def recipe_dirs() -> list[Path]:
+    """Folders searched for shipped recipes, in order: $TERNKIT_RECIPES, the repo's recipes/, installed copies."""
+    here = Path(__file__).resolve().parent
+    dirs = []
+    if os.environ.get("TERNKIT_RECIPES"):
+        dirs.append(Path(os.environ["TERNKIT_RECIPES"]))
+    dirs += [
+        here.parent / "recipes",  # a source checkout or editable install: the repo's top-level recipes/
+        here / "recipes",  # package data, if a build copies them into the package
+        Path(sys.prefix) / "share" / "ternkit" / "recipes",  # data-files of an installed wheel
+    ]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_recipes() -> dict[str, Path]:
+    """Shipped recipes by name (file stem), first folder of ``recipe_dirs()`` wins."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            found.setdefault(p.stem, p)
+    return dict(sorted(found.items()))
+
+
+def resolve_recipe(path_or_name: str | os.PathLike[str]) -> Path:
+    """The YAML file for a path (which must exist) or for a shipped recipe's name like ``"mlstm_stc"``."""
+    text = os.fspath(path_or_name)
+    p = Path(text).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise TernkitError(f"recipe '{text}' is a folder; pass a YAML file such as {text.rstrip('/')}/mlstm_stc.yaml.")
+    shipped = list_recipes()
+    looks_like_name = os.sep not in text and "/" not in text
+    stem = p.name[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else p.name
+    if looks_like_name and stem in shipped:
+        return shipped[stem]
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else (
+        f"; shipped recipes: {', '.join(shipped)}" if shipped else "; no shipped recipes were found")
+    raise TernkitError(f"recipe '{text}' not found (neither a file nor a shipped recipe name){hint}")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source: str = "recipe") -> Recipe:
+    """Validate a raw recipe mapping (after applying ``overrides``); errors are one ``TernkitError`` sentence."""
+    if not isinstance(raw, dict):
+        raise TernkitError(f"{source}: a recipe must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}.")
+    raw = copy.deepcopy(raw)  # the caller's dict stays untouched
+    _check_unknown_keys(raw, Recipe, source)
+    _empty_sections_to_dicts(raw, Recipe)
+    overridden: dict[str, str] = {}
+    for item in overrides:
+        overridden[_apply_override(raw, item)] = item
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise TernkitError(_one_sentence(exc, raw, source, overridden)) from None
+
+
+def load_recipe(path_or_name: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Recipe:
+    """Load, override and validate a recipe from a YAML path or a shipped recipe name.
+
+    ``overrides`` are ``"a.b.c=value"`` strings; the value is parsed as YAML (so ``200``, ``3e-4``,
+    ``true``, ``[dense, moe]`` get their types). ``name`` defaults to the file's stem.
+    """
+    path = resolve_recipe(path_or_name)
+    source = os.fspath(path_or_name) if Path(os.fspath(path_or_name)).is_file() else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TernkitError(f"cannot read recipe '{source}': {exc.strerror or exc}.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise TernkitError(f"{source}: YAML syntax error{where}: {problem}; fix the file's indentation or quoting there.") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TernkitError(f"{source}: a recipe must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}.")
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, overrides, source)
