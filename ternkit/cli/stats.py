@@ -1,0 +1,107 @@
+"""``ternkit stats CKPT``: where the trits sit (--deadzone), expert loads (--moe), STC thresholds (--stc)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ternkit.cli.app import app, console, user_errors
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def deadzone_report(model: Any, band: float) -> dict[str, Any]:
+    """Per ternary layer dead-zone fractions plus weight-averaged totals, as plain dicts."""
+    from ternkit.quant.deadzone import module_deadzone_stats
+
+    layers = {name: st.to_dict() for name, st in module_deadzone_stats(model, band=band).items()}
+    total_n = sum(d["numel"] for d in layers.values()) or 1
+    totals: dict[str, Any] = {"numel": total_n}
+    for key in ("frac_neg", "frac_zero", "frac_pos", "frac_boundary", "frac_zero_inner"):
+        vals = [(d[key], d["numel"]) for d in layers.values() if d.get(key) is not None]
+        totals[key] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1) if vals else None
+    return {"band": band, "layers": layers, "totals": totals}
+
+
+@app.command("stats")
+@user_errors
+def stats_cmd(
+    ckpt: Path = typer.Argument(..., help="A ternkit checkpoint (.ckpt) or an export folder."),
+    deadzone: bool = typer.Option(False, "--deadzone", help="Per-layer trit fractions, knife-edge band and deep zeros."),
+    band: float = typer.Option(0.1, "--band", help="Half-width of the knife-edge band around |w/alpha| = 0.5."),
+    moe: bool = typer.Option(False, "--moe", help="Expert loads of MoE blocks (from the last forward on a probe batch)."),
+    stc: bool = typer.Option(False, "--stc", help="STC memory thresholds and zero fractions."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Inspect a checkpoint or export: dead-zone statistics per ternary layer, MoE loads, STC sparsity."""
+    import torch
+
+    from ternkit.errors import TernkitError
+    from ternkit.export import load_model
+
+    if not 0.0 <= band <= 0.5:
+        raise TernkitError(f"--band must lie in [0, 0.5], got {band}; use e.g. --band 0.1.")
+    model, info = load_model(ckpt)
+    if not (deadzone or moe or stc):
+        deadzone = True
+    out: dict[str, Any] = {"source": info}
+    if deadzone:
+        out["deadzone"] = deadzone_report(model, band)
+    if moe or stc:
+        # Loads and zero fractions are properties of a forward pass: run one on a fixed random probe batch.
+        cfg = model.config
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, cfg.vocab_size, (4, min(cfg.context_length, 128)), generator=g)
+        with torch.no_grad():
+            model(probe)
+        if moe:
+            out["moe"] = model.moe_stats()
+            if not out["moe"]:
+                raise TernkitError(f"{ckpt} has no MoE blocks; drop --moe.")
+        if stc:
+            out["stc"] = model.stc_stats()
+            if not out["stc"]:
+                raise TernkitError(f"{ckpt} has no STC memory (memory_backend is dense); drop --stc.")
+    if json_out:
+        console.print_json(json.dumps(out, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        return
+    if deadzone:
+        rep = out["deadzone"]
+        t = Table(title=f"dead zone of {ckpt} (band {band})")
+        t.add_column("layer", overflow="fold", ratio=3)
+        for col in ("weights", "alpha", "-1", "0", "+1", "edge", "deep 0"):
+            t.add_column(col, justify="right", no_wrap=True)
+        for name, d in rep["layers"].items():
+            t.add_row(name, f"{d['numel']:,}", _fmt(d["alpha"]), _fmt(d["frac_neg"]), _fmt(d["frac_zero"]),
+                      _fmt(d["frac_pos"]), _fmt(d["frac_boundary"]), _fmt(d["frac_zero_inner"]))
+        tot = rep["totals"]
+        t.add_section()
+        t.add_row("total", f"{tot['numel']:,}", "", _fmt(tot["frac_neg"]), _fmt(tot["frac_zero"]), _fmt(tot["frac_pos"]),
+                  _fmt(tot["frac_boundary"]), _fmt(tot["frac_zero_inner"]), style="bold")
+        console.print(t)
+    if moe:
+        t = Table(title="MoE expert loads (probe batch)")
+        for col in ("block", "tokens per expert", "imbalance", "entropy", "dropped"):
+            t.add_column(col)
+        for d in out["moe"]:
+            t.add_row(str(d["block"]), " ".join(str(int(v)) for v in d.get("tokens_per_expert", [])),
+                      _fmt(d.get("load_imbalance")), _fmt(d.get("router_entropy")), _fmt(d.get("dropped_frac")))
+        console.print(t)
+    if stc:
+        t = Table(title="STC memory (probe batch)")
+        t.add_column("block")
+        t.add_column("stats")
+        for d in out["stc"]:
+            t.add_row(str(d["block"]), ", ".join(f"{k}={_fmt(v) if not hasattr(v, 'tolist') else v.tolist()}"
+                                                 for k, v in d.items() if k != "block"))
+        console.print(t)

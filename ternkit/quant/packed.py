@@ -1,0 +1,72 @@
+"""Inference-only ternary linear rebuilt from packed trits: y (..., out) = x (..., in) @ (alpha * T)^T + b."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ternkit.quant.packing import pack_trits, unpack_trits
+from ternkit.quant.ternarize import act_quant_8bit
+
+__all__ = ["PackedTernaryLinear"]
+
+
+class PackedTernaryLinear(nn.Module):
+    """A ternary linear layer whose persistent state is packed trits (uint8), alpha and an optional bias.
+
+    ``packed`` holds the (out, in) trits in ``fmt`` ("base3" or "2bit"); ``alpha`` is a scalar ()
+    or per-row (out, 1) float scale. The float weight ``alpha * T`` is unpacked once, on first use,
+    into a non-persistent cache, so the module computes exactly what the training layer's
+    ternarized forward computed.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "base3", alpha_shape: tuple[int, ...] = (),
+                 bias: bool = False, act_bits: int | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fmt, self.act_bits = in_features, out_features, fmt, act_bits
+        empty, _ = pack_trits(torch.zeros(out_features, in_features, dtype=torch.int8), fmt)
+        self.register_buffer("packed", empty)
+        self.register_buffer("alpha", torch.ones(alpha_shape))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("_weight", None, persistent=False)
+
+    @classmethod
+    def from_trits(cls, trits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "base3",
+                   act_bits: int | None = None) -> "PackedTernaryLinear":
+        """Pack int8 trits (out, in) with scale alpha (() or (out, 1)) into a new layer."""
+        out_f, in_f = trits.shape
+        layer = cls(in_f, out_f, fmt, tuple(alpha.shape), bias is not None, act_bits)
+        layer.packed = pack_trits(trits, fmt)[0]
+        layer.alpha = alpha.detach().float().clone()
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def trits(self) -> torch.Tensor:
+        """The trits T as int8 (out, in)."""
+        return unpack_trits(self.packed, self.fmt, (self.out_features, self.in_features))
+
+    def scale_of(self) -> torch.Tensor:
+        """alpha, broadcastable to (out, in)."""
+        return self.alpha
+
+    def ternary_weight(self) -> torch.Tensor:
+        """alpha * T (out, in) as float, cached after the first call."""
+        if self._weight is None or self._weight.device != self.packed.device:
+            self._weight = self.trits().to(self.alpha.dtype) * self.alpha
+        return self._weight
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._weight = None  # new trits or alpha: drop the cache
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y (..., out) from x (..., in)."""
+        if self.act_bits == 8:
+            x = act_quant_8bit(x)
+        w = self.ternary_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, act_bits={self.act_bits}"

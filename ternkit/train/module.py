@@ -1,0 +1,158 @@
+"""The LightningModule that trains an xLSTM LM (mLSTM/STC/MoE) on next-token or masked-target batches."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ternkit import __version__
+from ternkit.errors import TernkitError
+from ternkit.train.optim import build_optimizer, lr_factor, weight_decay_factor
+
+__all__ = ["TernkitLM", "NonFiniteLossError", "masked_cross_entropy"]
+
+
+def _np_state_to_safe(state: tuple[Any, ...]) -> dict[str, Any]:
+    """numpy's RNG state as tensors and ints, loadable with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_safe(d: dict[str, Any]) -> tuple[Any, ...]:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+class NonFiniteLossError(TernkitError):
+    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, S, V) against targets (B, S), skipping targets equal to ``ignore_index``.
+
+    Synthetic tasks (parity, MQAR) mark unsupervised positions with ``ignore_index``; a batch with
+    no supervised position gives 0 rather than NaN.
+    """
+    flat = targets.flatten()
+    ce = F.cross_entropy(logits.float().flatten(0, 1), flat, reduction="sum", ignore_index=ignore_index)
+    return ce / (flat != ignore_index).sum().clamp(min=1)
+
+
+class TernkitLM(L.LightningModule):
+    """Lightning wrapper of :class:`ternkit.models.lm.XLSTMLM` with AdamW/Muon, warmup + cosine and a NaN guard.
+
+    Batches are ``(x, y)`` token windows (B, S); tasks whose loss counts only some positions
+    (parity, MQAR) mark the others with -100 in ``y``. The loss is cross-entropy plus the model's weighted MoE losses.
+    Checkpoints also carry the RNG states and the ternkit version, so a resumed run replays exactly.
+    """
+
+    def __init__(self, model_config: dict[str, Any], optimizer: dict[str, Any], schedule: dict[str, Any],
+                 max_steps: int, run_info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from ternkit.models.config import XLSTMLMConfig
+        from ternkit.models.lm import XLSTMLM
+
+        self.model = XLSTMLM(XLSTMLMConfig.from_dict(model_config))
+        self._t_last: float | None = None
+        self.last_train_loss = float("nan")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, S, V) for tokens (B, S)."""
+        return self.model(tokens)
+
+    def _losses(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        ce = masked_cross_entropy(logits, y)
+        ntok = int(x.numel())
+        return ce, self.model.aux_loss(), ntok
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy + weighted MoE losses; stops the run with a clear message on a non-finite loss."""
+        ce, aux, ntok = self._losses(batch)
+        loss = ce + aux
+        if not torch.isfinite(loss).item():
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
+                "in the run directory: lower optimizer.lr or set trainer.grad_clip, then resume with --resume auto."
+            )
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = max(now - self._t_last, 1e-9)
+            self.log("tok/s", ntok * self.trainer.world_size / dt, prog_bar=True, on_step=True, logger=False)
+        self._t_last = now
+        self.last_train_loss = float(ce.detach())
+        self.log("train/loss", ce, prog_bar=True, on_step=True)
+        if aux.requires_grad or aux.item() != 0.0:
+            self.log("train/aux", aux, on_step=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        self.log("tokens", float(ntok * (self.global_step + 1) * self.trainer.world_size), on_step=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Validation cross-entropy (logged as val/loss)."""
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        ce = masked_cross_entropy(logits, y)
+        self.log("val/loss", ce, prog_bar=True, on_epoch=True, sync_dist=True)
+        sup = y != -100
+        if not bool(sup.all()):  # synthetic tasks: accuracy on the supervised positions
+            acc = (logits.argmax(-1)[sup] == y[sup]).float().mean()
+            self.log("val/acc", acc, prog_bar=True, on_epoch=True, sync_dist=True)
+        return ce
+
+    def configure_optimizers(self) -> Any:
+        """AdamW or Muon+AdamW with warmup + cosine (optionally BitNet two-stage) stepped every optimizer step."""
+        o, s = self.hparams.optimizer, self.hparams.schedule
+        opt = build_optimizer(self.model, o.get("name", "adamw"), float(o["lr"]), float(o.get("weight_decay", 0.0)),
+                              tuple(o.get("betas", (0.9, 0.95))))
+        max_steps = int(self.hparams.max_steps)
+        two_stage = bool(o.get("two_stage", False))
+
+        def factor(step: int) -> float:
+            return lr_factor(step, max_steps, int(s.get("warmup_steps", 0)), s.get("kind", "cosine"),
+                             float(s.get("min_lr_ratio", 0.1)), two_stage)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Apply the weight-decay schedule (BitNet two-stage: decay off in the second half)."""
+        if not self.hparams.optimizer.get("two_stage", False):
+            return
+        f = weight_decay_factor(self.global_step, int(self.hparams.max_steps), True)
+        for opt in self.trainer.optimizers:
+            for g in opt.param_groups:
+                g["weight_decay"] = g.get("base_wd", g["weight_decay"]) * f
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Tag the checkpoint as ternkit's and store every RNG state."""
+        checkpoint["ternkit"] = {"version": __version__, "model_config": self.model.config.to_dict(),
+                                 "run_info": self.hparams.get("run_info") or {}}
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": _np_state_to_safe(np.random.get_state()),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states saved by :meth:`on_save_checkpoint`."""
+        rng = checkpoint.get("rng")
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(_np_state_from_safe(rng["numpy"]))
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the last training cross-entropy."""
+        return math.exp(min(self.last_train_loss, 50.0))

@@ -1,0 +1,130 @@
+"""Optimizers and schedules: AdamW or Muon (+AdamW), warmup + cosine, BitNet's two-stage LR and weight decay."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "build_optimizer", "lr_factor", "weight_decay_factor", "MuonWithAdamW"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices (>= 2-D, not embeddings) decay; vectors, norms, gates' biases and embeddings don't."""
+    decay, no_decay = [], []
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in emb_ids else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "base_wd": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "base_wd": 0.0})
+    return groups
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch's Muon for the 2-D hidden matrices, AdamW for everything else, stepped together as one optimizer.
+
+    Muon orthogonalizes matrix updates and is only defined for 2-D weights; embeddings, the LM
+    head, norms and biases stay on AdamW, as in the Muon reference setup. ``param_groups`` is the
+    concatenation of both inner optimizers' groups, so one LR scheduler drives both.
+    """
+
+    def __init__(self, muon_params: Iterable[torch.Tensor], adamw_groups: list[dict[str, Any]], lr: float,
+                 weight_decay: float, betas: tuple[float, float]) -> None:
+        muon_params = list(muon_params)
+        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        for g in self.muon.param_groups:
+            g["base_wd"] = weight_decay
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas)
+        # Optimizer's own bookkeeping (hooks, defaults) without registering params twice.
+        super().__init__([{"params": [torch.zeros(1)]}], {"lr": lr})
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One step of both inner optimizers (the closure, if any, is evaluated once)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients of both inner optimizers."""
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Both inner optimizers' state dicts."""
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore both inner optimizers."""
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW (``name="adamw"``) or Muon for hidden matrices + AdamW for the rest (``name="muon"``)."""
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    if name == "muon":
+        emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        head = getattr(model, "head", None)
+        head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        muon, rest_decay, rest = [], [], []
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim == 2 and id(p) not in emb_ids and id(p) not in head_ids:
+                muon.append(p)
+            elif p.ndim >= 2:
+                rest_decay.append(p)
+            else:
+                rest.append(p)
+        groups = [{"params": rest_decay, "weight_decay": weight_decay, "base_wd": weight_decay},
+                  {"params": rest, "weight_decay": 0.0, "base_wd": 0.0}]
+        return MuonWithAdamW(muon, [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_factor(step: int, max_steps: int, warmup_steps: int, kind: str = "cosine", min_lr_ratio: float = 0.1,
+              two_stage: bool = False) -> float:
+    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine (or constant) decay.
+
+    With ``two_stage`` (BitNet b1.58), the second half of training restarts the decay from half the
+    peak LR: the first stage ends high, the cool-down stage is short and low.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        base = 1.0
+        if two_stage and step >= max_steps // 2:
+            base = 0.5
+        return base
+
+    def cosine(s: int, start: int, end: int, peak: float) -> float:
+        t = min(max((s - start) / max(end - start, 1), 0.0), 1.0)
+        return min_lr_ratio * peak + (1 - min_lr_ratio) * peak * 0.5 * (1 + math.cos(math.pi * t))
+
+    if two_stage:
+        mid = max_steps // 2
+        if step < mid:
+            return cosine(step, warmup_steps, 2 * mid, 1.0)  # stage 1: the first half of a full cosine
+        return cosine(step, mid, max_steps, 0.5)
+    return cosine(step, warmup_steps, max_steps, 1.0)
+
+
+def weight_decay_factor(step: int, max_steps: int, two_stage: bool) -> float:
+    """Multiplier of the base weight decay: 1, or with ``two_stage`` 1 in the first half and 0 after (BitNet b1.58)."""
+    if two_stage and step >= max_steps // 2:
+        return 0.0
+    return 1.0

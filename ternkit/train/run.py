@@ -1,0 +1,230 @@
+"""One training run from a recipe: run folder, data, model, Lightning Trainer, resume, sample, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ternkit.errors import TernkitError
+
+__all__ = ["model_config_from_recipe", "parameter_counts", "train", "TrainResult", "resolve_resume"]
+
+
+def model_config_from_recipe(recipe: Any, vocab_size: int) -> dict[str, Any]:
+    """The :class:`ternkit.models.config.XLSTMLMConfig` dict a recipe describes, with the data's vocab size."""
+    from ternkit.models.config import TERNARY_PROJECTIONS
+
+    m, q = recipe.model, recipe.quant
+    ternary = list(TERNARY_PROJECTIONS) if m.ternary_projections == "all" else list(m.ternary_projections)
+    moe = None
+    if "moe" in m.ffn_kinds():
+        md = m.moe.model_dump()
+        if md.get("hidden") is None:
+            md["hidden"] = max(1, int(round(m.ffn_factor * m.d_model / md["top_k"])))
+        md["ternary"] = "ffn" in ternary
+        md["ternary_scale"] = q.scale
+        md["act_bits"] = q.act_bits
+        moe = md
+    if m.tie_embeddings and "head" in ternary:
+        ternary.remove("head")  # a tied head shares the float embedding; "all" means every untied projection
+    return {
+        "vocab_size": int(m.vocab_size or vocab_size), "d_model": m.d_model, "n_blocks": m.n_blocks,
+        "n_heads": m.n_heads, "context_length": m.context_length, "proj_factor": m.proj_factor,
+        "conv_kernel": m.conv_kernel, "qkv_blocksize": m.qkv_blocksize, "chunk_size": m.chunk_size,
+        "gate_mode": m.gate_mode, "memory_backend": m.memory_backend, "target_sparsity": m.target_sparsity,
+        "ternary": ternary, "ternary_scale": q.scale, "act_bits": q.act_bits,
+        "ffn": m.ffn if isinstance(m.ffn, str) else list(m.ffn), "ffn_factor": m.ffn_factor, "moe": moe,
+        "tie_embeddings": m.tie_embeddings,
+    }
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Weights by kind: ``ternary`` (latent or integer-state trits), ``float`` (everything else trainable), ``integer_state`` buffers."""
+    from ternkit.quant.linear import ternary_modules
+
+    tern = 0
+    tern_ids: set[int] = set()
+    for _, mod in ternary_modules(model):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            tern += w.numel()
+            tern_ids.add(id(w))
+        else:
+            tern += int(getattr(mod, "in_features", 0)) * int(getattr(mod, "out_features", 0))
+    flt = sum(p.numel() for p in model.parameters() if id(p) not in tern_ids)
+    ints = sum(b.numel() for b in model.buffers() if not torch.is_floating_point(b))
+    return {"ternary": tern, "float": flt, "integer_state": ints}
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None, ``auto`` (run_dir/last.ckpt if present) or a path that must exist."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = run_dir / "last.ckpt"
+        return last if last.exists() else None
+    path = Path(resume)
+    if not path.exists():
+        raise TernkitError(f"--resume {resume}: no such checkpoint; pass an existing .ckpt or --resume auto.")
+    return path
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or dry) run produced."""
+
+    run_dir: Path
+    steps: int = 0
+    train_loss: float = float("nan")
+    val_loss: float | None = None
+    val_acc: float | None = None
+    sample: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    resumed_from: str | None = None
+    last_ckpt: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable summary."""
+        return {"run_dir": str(self.run_dir), "steps": self.steps, "train_loss": self.train_loss,
+                "val_loss": self.val_loss, "val_acc": self.val_acc, "sample": self.sample, "counts": self.counts,
+                "resumed_from": self.resumed_from, "last_ckpt": str(self.last_ckpt) if self.last_ckpt else None}
+
+
+def _loggers(recipe: Any, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger
+
+    out: list[Any] = []
+    if recipe.logging.csv:
+        out.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    tb = recipe.logging.tensorboard
+    if tb:
+        try:
+            import tensorboard  # noqa: F401
+
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            out.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""))
+        except ImportError:
+            if tb is True:
+                raise TernkitError("logging.tensorboard is true but tensorboard is not installed; pip install tensorboard "
+                                   "or set logging.tensorboard to auto.") from None
+    return out
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator lines, tips) out of the user's terminal; warnings still show."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sample(model: nn.Module, tok: Any, prompt: str, n: int, seed: int) -> str:
+    model.eval()
+    ids = tok.encode(prompt) or [0]
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=dev), n, greedy=False, temperature=0.8, top_k=40, generator=g)
+    return tok.decode(out[0].tolist())
+
+
+def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progress: bool = True,
+          console: Any = None) -> TrainResult:
+    """Train the model a recipe describes, writing ``runs/<name>/`` (recipe, tokenizer, checkpoints, logs, summary).
+
+    ``resume``: None (a run folder holding a checkpoint is then refused), ``"auto"`` or a checkpoint
+    path. ``dry_run`` builds data and model, counts parameters by kind and stops.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from ternkit.export import load_checkpoint
+    from ternkit.train.callbacks import AtomicCheckpointIO, IntegerStateCallback, TelemetryCallback
+    from ternkit.train.data import TernkitDataModule
+    from ternkit.train.module import TernkitLM
+
+    _quiet_lightning()
+    run_dir = recipe.run_dir
+    ckpt_path = resolve_resume(resume, run_dir)
+    if resume is None and not dry_run and (run_dir / "last.ckpt").exists():
+        raise TernkitError(f"{run_dir} already holds a run (last.ckpt); pass --resume auto to continue it, or "
+                           "--set name=<new name> to start another.")
+    ckpt_cfg = None
+    if ckpt_path is not None:
+        ckpt_cfg = load_checkpoint(ckpt_path)["ternkit"]["model_config"]
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    dm = TernkitDataModule(recipe, run_dir)
+    dm.setup()
+    cfg = model_config_from_recipe(recipe, dm.vocab_size)
+    if ckpt_cfg is not None and ckpt_cfg.get("vocab_size") != cfg["vocab_size"]:
+        raise TernkitError(f"the checkpoint's vocabulary ({ckpt_cfg.get('vocab_size')}) does not match this recipe's "
+                           f"tokenizer ({cfg['vocab_size']}); resume with the tokenizer the run was trained with.")
+    module = TernkitLM(cfg, recipe.optimizer.model_dump(mode="json"), recipe.schedule.model_dump(mode="json"),
+                       recipe.trainer.max_steps, run_info={"run_dir": str(run_dir), "name": recipe.name})
+    counts = parameter_counts(module.model)
+    result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None)
+    if dry_run:
+        return result
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    t = recipe.trainer
+    every = recipe.checkpoint.every_steps or None
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=str(run_dir), filename="step{step:07d}", save_last=True, save_top_k=0,
+                        every_n_train_steps=every, auto_insert_metric_name=False),
+        IntegerStateCallback(),
+        TelemetryCallback(recipe.logging.telemetry_every),
+    ]
+    if recipe.checkpoint.keep_best:
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir), filename="best", monitor="val/loss", mode="min",
+                                         save_top_k=1, save_last=False, auto_insert_metric_name=False,
+                                         enable_version_counter=False))
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    val_every = min(t.val_every, t.max_steps) * t.grad_accum
+    trainer = L.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=t.precision, gradient_clip_val=t.grad_clip,
+        accumulate_grad_batches=t.grad_accum, val_check_interval=val_every, check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every,
+        logger=_loggers(recipe, run_dir) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
+        deterministic=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*is an IterableDataset.*")
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__`.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    last = run_dir / "last.ckpt"
+    trainer.save_checkpoint(str(last), weights_only=False)  # the final step, whatever every_steps was
+    result.steps = int(trainer.global_step)
+    result.train_loss = module.last_train_loss
+    metrics = trainer.callback_metrics
+    if "val/loss" in metrics:
+        result.val_loss = float(metrics["val/loss"])
+    if "val/acc" in metrics:
+        result.val_acc = float(metrics["val/acc"])
+    result.last_ckpt = last
+    if trainer.is_global_zero and dm.tokenizer is not None and t.sample_tokens > 0:
+        result.sample = _sample(module.model, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed)
+    if trainer.is_global_zero:
+        _write_atomic(run_dir / "summary.json", json.dumps(result.to_dict(), indent=2))
+    return result
