@@ -1,0 +1,380 @@
+"""mLSTM matrix-memory recurrence in three equivalent forms: recurrent (the definition), parallel and chunkwise.
+
+Stabilized xLSTM equations (keys scaled by 1/sqrt(DH) inside the ops; states start at zero,
+the stabilizer m at 0, as in NX-AI/xlstm and mlstm_kernels)::
+
+    m_t = max(log f_t + m_{t-1}, i~_t)
+    f'_t = exp(log f_t + m_{t-1} - m_t),   i'_t = exp(i~_t - m_t)
+    C_t = f'_t C_{t-1} + i'_t k_t v_t^T,    n_t = f'_t n_{t-1} + i'_t k_t
+    h_t = C_t^T q_t / (max(|n_t . q_t|, exp(-m_t)) + eps)
+
+Gate modes:
+
+- ``"sigmoid"``: log f_t = logsigmoid(f~_t).
+- ``"ternary"``: the forget gate is g_t = ternary_gate(f~_t) in {-1, 0, +1} (+1 keep, 0 clear,
+  -1 negate). log|g| is 0 or -inf and the sign rides separately: m_t = max(m_{t-1}, i~_t) where
+  g != 0 and m_t = i~_t where g = 0, and f'_t = g_t * exp(m_{t-1} - m_t). Writing f' with g as a
+  factor lets the straight-through gradient reach g in every form, also where g = 0 (the
+  derivative of the memory w.r.t. g is then the memory that was cleared). The stabilizer m
+  depends on g only through which gates are zero, so m carries no gradient to g.
+
+Parallel and chunkwise reproduce the recurrent m_t exactly (the initial-state term included),
+so all forms compute the same function and agree in forward and backward. In ternary mode the
+decay between positions s < t is prod_{r=s+1..t} g_r, exactly -1, 0 or +1: it is computed in
+linear space with a cumulative product, whose autograd handles the zeros; only the exp(i~) terms
+need the stabilizer there.
+
+The straight-through derivative w.r.t. a cleared gate g_r = 0 is the cleared memory seen in the
+frame of step r, which carries the factor exp(m_{r-1} - m_r) > 0 that can be huge (the old
+memory was written far more strongly than the new one). Its forward value is 0 (it multiplies
+g_r = 0), so the step caps that exponent at 30 nats to keep the gradient finite; the parallel
+and chunkwise forms subtract the same excess at the single zero on a path, so all forms still
+agree exactly, gradients included.
+
+float16/bfloat16 inputs are computed in float32 (cumulative gate sums and the stabilizer lose
+too much in 16 bits); h comes back in the input dtype, states stay in float32.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ternkit.errors import TernkitError
+from ternkit.ops.stc import STAT_KEYS, sparse_memory_write, ternary_gate
+
+__all__ = [
+    "GATE_MODES",
+    "mlstm_recurrent_step",
+    "mlstm_recurrent",
+    "mlstm_parallel",
+    "mlstm_chunkwise",
+    "ternary_gate",
+]
+
+GATE_MODES = ("sigmoid", "ternary")
+
+# Cap on the exponent m_{r-1} - m_r at a cleared gate (the only positive exponent); see the module doc.
+_MAX_CLEARED_EXP = 30.0
+
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _check_gate_mode(gate_mode: str) -> None:
+    if gate_mode not in GATE_MODES:
+        raise TernkitError(f"Unknown mLSTM gate_mode {gate_mode!r}; use one of {', '.join(GATE_MODES)}.")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+               rank: int, what: str) -> None:
+    if q.dim() != rank or q.shape != k.shape or q.shape != v.shape:
+        raise TernkitError(f"mLSTM {what} expects q, k, v of one shape with {rank} dims, got "
+                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; reshape to heads first.")
+    if i.shape != q.shape[:-1] or f.shape != q.shape[:-1]:
+        raise TernkitError(f"mLSTM {what} expects gates i, f of shape {tuple(q.shape[:-1])}, "
+                           f"got {tuple(i.shape)} and {tuple(f.shape)}.")
+
+
+def _check_state(state: State | None, q: torch.Tensor) -> None:
+    if state is None:
+        return
+    B, NH, DH = q.shape[0], q.shape[1], q.shape[-1]
+    want = ((B, NH, DH, DH), (B, NH, DH), (B, NH))
+    got = tuple(tuple(t.shape) for t in state)
+    if got != want:
+        raise TernkitError(f"mLSTM state must be (C, n, m) of shapes {want}, got {got}; "
+                           "pass the state an mLSTM op returned.")
+
+
+def _upcast(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors in at least float32: gates, stabilizer and memory lose too much in 16-bit floats."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
+
+
+def _zero_state(q: torch.Tensor) -> State:
+    """Zero (C, n, m) for q (B, NH, [S,] DH): C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)."""
+    B, NH, DH = q.shape[0], q.shape[1], q.shape[-1]
+    C = q.new_zeros(B, NH, DH, DH)
+    return C, q.new_zeros(B, NH, DH), q.new_zeros(B, NH)
+
+
+def _readout(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    """h = num / (max(|den|, exp(-m)) + eps); num (..., DH), den and m (...)."""
+    return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------- recurrent
+
+
+def mlstm_recurrent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: State | None = None,
+    gate_mode: str = "sigmoid",
+    eps: float = 1e-6,
+    *,
+    sparse_write: bool = False,
+    stats: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, State]:
+    """One mLSTM step: q, k, v (B, NH, DH), gates i, f (B, NH) -> h (B, NH, DH), state (C, n, m).
+
+    ``state`` is (C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)) or None for zeros. ``i`` and ``f``
+    are gate pre-activations. This step is the definition the other forms are tested against.
+
+    ``sparse_write=True`` routes the memory write through
+    :func:`ternkit.ops.stc.sparse_memory_write` (inference only: no autograd graph is recorded,
+    so call it under ``torch.no_grad()``); it only pays off when k and v are STC-quantized. If a
+    ``stats`` dict is given, the write's counters ("total", "written", "decayed") are added to
+    it, so one dict can accumulate over steps and layers; pass it to
+    :func:`ternkit.ops.stc.skip_fraction`.
+    """
+    _check_gate_mode(gate_mode)
+    _check_qkv(q, k, v, i, f, 3, "recurrent step")
+    _check_state(state, q)
+    if sparse_write and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v, i, f) + (tuple(state) if state is not None else ())):
+        raise TernkitError("mlstm_recurrent_step(sparse_write=True) is an inference path without gradients; "
+                           "run it under torch.no_grad() or use sparse_write=False for training.")
+    out_dtype = q.dtype
+    q, k, v, i, f = _upcast(q, k, v, i, f)
+    C, n, m = _zero_state(q) if state is None else _upcast(*state)
+    k = k * (q.shape[-1] ** -0.5)
+
+    if gate_mode == "sigmoid":
+        log_f = F.logsigmoid(f)
+        m_new = torch.maximum(log_f + m, i)
+        f_scale = torch.exp(log_f + m - m_new)
+    else:
+        g = ternary_gate(f)
+        cleared = g.detach() == 0
+        m_new = torch.where(cleared, i, torch.maximum(m, i))
+        f_scale = g * torch.exp((m - m_new).clamp(max=_MAX_CLEARED_EXP))
+    i_scale = torch.exp(i - m_new)
+
+    if sparse_write:
+        C_new, n_new, counts = sparse_memory_write(C, n, k, v, f_scale, i_scale)
+        if stats is not None:
+            for key in STAT_KEYS:
+                stats[key] = stats.get(key, 0) + counts[key]
+    else:
+        C_new = f_scale[..., None, None] * C + i_scale[..., None, None] * (k.unsqueeze(-1) * v.unsqueeze(-2))
+        n_new = f_scale.unsqueeze(-1) * n + i_scale.unsqueeze(-1) * k
+
+    num = (q.unsqueeze(-2) @ C_new).squeeze(-2)
+    den = (n_new * q).sum(-1)
+    return _readout(num, den, m_new, eps).to(out_dtype), (C_new, n_new, m_new)
+
+
+def mlstm_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    gate_mode: str = "sigmoid",
+    initial_state: State | None = None,
+    return_final_state: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """mLSTM over a sequence by looping the step: q, k, v (B, NH, S, DH), i, f (B, NH, S) -> h (B, NH, S, DH).
+
+    With ``return_final_state`` also returns the state (C, n, m) after the last token.
+    """
+    _check_gate_mode(gate_mode)
+    _check_qkv(q, k, v, i, f, 4, "recurrent")
+    _check_state(initial_state, q)
+    state = initial_state
+    hs = []
+    for t in range(q.shape[2]):
+        h, state = mlstm_recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t],
+                                        state=state, gate_mode=gate_mode, eps=eps)
+        hs.append(h)
+    if hs:
+        h_all = torch.stack(hs, dim=2)
+    else:
+        h_all = q.new_zeros(q.shape)
+    if not return_final_state:
+        return h_all
+    return h_all, (_zero_state(_upcast(q)[0]) if state is None else state)
+
+
+# --------------------------------------------------------------------------- block (parallel) form
+
+
+def _segment_products(g: torch.Tensor) -> torch.Tensor:
+    """P (..., L, L) with P[t, s] = prod_{r=s+1..t} g_r for s <= t and 0 above the diagonal; g (..., L).
+
+    A reversed cumulative product along s of A[t, s'] = g_{s'+1} (s' < t, else 1); torch's cumprod
+    backward is exact where g has zeros, which the straight-through gradient of g needs.
+    """
+    L = g.shape[-1]
+    strict = torch.ones(L, L, dtype=torch.bool, device=g.device).tril(-1)
+    g_next = torch.cat([g[..., 1:], torch.ones_like(g[..., :1])], dim=-1)
+    A = torch.where(strict, g_next.unsqueeze(-2), torch.ones((), dtype=g.dtype, device=g.device))
+    P = torch.flip(torch.cumprod(torch.flip(A, (-1,)), dim=-1), (-1,))
+    return torch.where(strict | torch.eye(L, dtype=torch.bool, device=g.device), P,
+                       torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """x with -inf (a token with no live source) replaced by 0, so that no -inf - -inf can follow."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    gate_mode: str,
+    block: int,
+    state: State | None,
+    eps: float,
+) -> tuple[torch.Tensor, State]:
+    """mLSTM over blocks of ``block`` tokens: q, k, v (B, NH, S, DH), i, f (B, NH, S) -> h (B, NH, S, DH), final state.
+
+    Everything is computed in the frame of the recurrent stabilizer m_t. First m_t for every token
+    (a max over live sources within the block and the incoming state; a loop over blocks on
+    (B, NH) scalars carries m), then the causal weights of all blocks at once, then a loop over
+    blocks that carries (C, n). The tail is padded with gates that leave the state untouched
+    (decay exactly 1, i~ = -inf) and cut off again.
+    """
+    B, NH, S, DH = q.shape
+    L = block
+    out_dtype = q.dtype
+    q, k, v, i, f = _upcast(q, k, v, i, f)
+    NC = max(1, -(-S // L))
+    pad = NC * L - S
+    ternary = gate_mode == "ternary"
+    k = k * (DH ** -0.5)
+    decay = ternary_gate(f) if ternary else F.logsigmoid(f)  # g in {-1, 0, +1} or log f
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        decay = F.pad(decay, (0, pad), value=1.0 if ternary else 0.0)
+        i = F.pad(i, (0, pad), value=float("-inf"))
+    q, k, v = (t.reshape(B, NH, NC, L, DH) for t in (q, k, v))
+    i, decay = i.reshape(B, NH, NC, L), decay.reshape(B, NH, NC, L)
+    C, n, m = _zero_state(q) if state is None else _upcast(*state)
+
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    neg_inf = torch.full((), float("-inf"), dtype=q.dtype, device=q.device)
+    i_src = i.unsqueeze(-2)  # (B, NH, NC, 1, L): source s along the last dim
+    if ternary:
+        # Decay s -> t is P[t, s] in {-1, 0, +1}; count the zeros on each path to tell live (0),
+        # cleared once (1: forward 0, gradient to that one gate) and cleared twice or more (no gradient).
+        P = _segment_products(decay)
+        from_start = torch.cumprod(decay, dim=-1)  # decay from the block start through t
+        is_zero = decay.detach() == 0
+        zc = torch.cumsum(is_zero, dim=-1)
+        path_zeros = zc.unsqueeze(-1) - zc.unsqueeze(-2)
+        mi = torch.where(causal & (path_zeros == 0), i_src, neg_inf).amax(dim=-1)
+    else:
+        log_start = torch.cumsum(decay, dim=-1)  # log decay from the block start through t
+        log_src = torch.where(causal, i_src + log_start.unsqueeze(-1) - log_start.unsqueeze(-2), neg_inf)
+        mi = log_src.amax(dim=-1)
+    mi = _finite_or_zero(mi)
+
+    def m_after(m_in: torch.Tensor, c: int | slice) -> torch.Tensor:
+        """m_t from the incoming stabilizer m_in of a block and the block's own live sources mi."""
+        if ternary:
+            return torch.where(zc[..., c, :] == 0, torch.maximum(m_in, mi[..., c, :]), mi[..., c, :])
+        return torch.maximum(m_in + log_start[..., c, :], mi[..., c, :])
+
+    m_in_list = []
+    for c in range(NC):
+        m_in_list.append(m)
+        m = m_after(m.unsqueeze(-1), c)[..., -1]
+    m_in = torch.stack(m_in_list, dim=2).unsqueeze(-1)  # (B, NH, NC, 1)
+    m_t = m_after(m_in, slice(None))  # (B, NH, NC, L)
+
+    if ternary:
+        # Excess of the cleared-gate exponent over the cap, at the last zero at or before t: the
+        # recurrent step clips exactly there, and every path with one zero passes that zero.
+        m_prev = torch.cat([m_in, m_t[..., :-1]], dim=-1)
+        excess = torch.relu(m_prev - m_t - _MAX_CLEARED_EXP)
+        pos = torch.arange(L, device=q.device).expand_as(is_zero)
+        last_zero = torch.cummax(torch.where(is_zero, pos, torch.full_like(pos, -1)), dim=-1).values
+        excess_z = torch.gather(excess, -1, last_zero.clamp(min=0))
+        expo = i_src - m_t.unsqueeze(-1) - torch.where(path_zeros == 1, excess_z.unsqueeze(-1), 0.0)
+        D = P * torch.exp(torch.where(causal & (path_zeros <= 1), expo, neg_inf))
+        s_expo = m_in - m_t - torch.where(zc == 1, excess_z, 0.0)
+        s_scale = from_start * torch.exp(torch.where(zc <= 1, s_expo, neg_inf))
+    else:
+        D = torch.exp(log_src - m_t.unsqueeze(-1))
+        s_scale = torch.exp(m_in + log_start - m_t)
+
+    W = (q @ k.transpose(-1, -2)) * D  # (B, NH, NC, L, L)
+    # Each block's own writes to its end state (in the frame of its last m_t), then carry (C, n).
+    kw = k * D[..., -1, :].unsqueeze(-1)
+    C_own, n_own = kw.transpose(-1, -2) @ v, kw.sum(-2)
+    starts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for c in range(NC):
+        starts.append((C, n))
+        carry = s_scale[..., c, -1]
+        C = carry[..., None, None] * C + C_own[:, :, c]
+        n = carry[..., None] * n + n_own[:, :, c]
+    C_in = torch.stack([st[0] for st in starts], dim=2)  # (B, NH, NC, DH, DH)
+    n_in = torch.stack([st[1] for st in starts], dim=2)  # (B, NH, NC, DH)
+
+    num = W @ v + s_scale.unsqueeze(-1) * (q @ C_in)
+    den = W.sum(-1) + s_scale * (q @ n_in.unsqueeze(-1)).squeeze(-1)
+    h = _readout(num, den, m_t, eps).reshape(B, NH, NC * L, DH)[:, :, :S]
+    return h.to(out_dtype), (C, n, m)
+
+
+def mlstm_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    gate_mode: str = "sigmoid",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Parallel (quadratic) mLSTM from a zero state: q, k, v (B, NH, S, DH), i, f (B, NH, S) -> h (B, NH, S, DH).
+
+    O(S^2) time and memory: the whole sequence is one block of the block form. It matches
+    :func:`mlstm_recurrent` including the stabilizer m_t, whose initial-state term (m_0 = 0
+    decayed to t) is part of the max.
+    """
+    _check_gate_mode(gate_mode)
+    _check_qkv(q, k, v, i, f, 4, "parallel")
+    return _blocks(q, k, v, i, f, gate_mode, max(1, q.shape[2]), None, eps)[0]
+
+
+def mlstm_chunkwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    gate_mode: str = "sigmoid",
+    chunk_size: int = 64,
+    initial_state: State | None = None,
+    return_final_state: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """mLSTM in chunkwise form: q, k, v (B, NH, S, DH), i, f (B, NH, S) -> h (B, NH, S, DH) [, (C, n, m)].
+
+    Any S: the tail is padded to a multiple of ``chunk_size`` with gates that leave the state
+    untouched and cut off again, so the final state is that of the last real token. Within
+    chunks the parallel form runs for all chunks at once; Python loops over chunks carry m and
+    then (C, n) between them. O(S * chunk_size) memory for the intra-chunk weights.
+    """
+    _check_gate_mode(gate_mode)
+    _check_qkv(q, k, v, i, f, 4, "chunkwise")
+    _check_state(initial_state, q)
+    try:
+        block = operator.index(chunk_size)
+    except TypeError:
+        block = 0
+    if isinstance(chunk_size, bool) or block < 1:
+        raise TernkitError(f"mLSTM chunk_size must be a positive integer, got {chunk_size!r}.")
+    h, state = _blocks(q, k, v, i, f, gate_mode, block, initial_state, eps)
+    return (h, state) if return_final_state else h
