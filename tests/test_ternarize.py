@@ -133,3 +133,19 @@ def test_swap_linear_by_pattern_keeps_weights() -> None:
     assert model.attn["q"].bias is not None
     swap_linear(model, filter_fn=lambda m, name: m.out_features == 4)
     assert isinstance(model.head, TernaryLinear) and type(model.attn["k"]) is nn.Linear
+
+
+def test_group_scale_builds_the_integer_state_layer_and_copies_work() -> None:
+    import copy
+
+    from ternkit.quant.group import GroupTernaryLinear
+
+    g = TernaryLinear(64, 16, scale="group", group_size=16)
+    assert isinstance(g, GroupTernaryLinear) and g.group_size == 16
+    assert all(not torch.is_floating_point(t) for t in g.state_dict().values())
+    g2 = TernaryLinear(64, 16, False, "group")
+    assert isinstance(g2, GroupTernaryLinear)
+    layer = TernaryLinear(8, 4, scale="per_row")
+    clone = copy.deepcopy(nn.Sequential(layer))
+    x = torch.randn(2, 8)
+    assert torch.equal(clone(x), layer(x))

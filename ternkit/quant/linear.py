@@ -36,13 +36,22 @@ class TernaryLinear(nn.Module):
     ``act_bits=8`` adds per-token absmax int8 activation quantization (STE).
     """
 
-    def __new__(cls, in_features: int, out_features: int, bias: bool = False, scale: Scale = "absmean",
-                act_bits: int | None = None, group_size: int = 32, **group_kwargs: object) -> nn.Module:
+    def __new__(cls, *args: object, **kwargs: object) -> nn.Module:
+        # scale="group" builds the integer-state layer instead; *args keeps copy/pickle (which call
+        # __new__ with no arguments) working.
+        scale = kwargs.get("scale", args[3] if len(args) > 3 else "absmean")
         if scale == "group":
             from ternkit.quant.group import GroupTernaryLinear
 
-            return GroupTernaryLinear(in_features, out_features, bias=bias, group_size=group_size,
-                                      act_bits=act_bits, **group_kwargs)  # type: ignore[arg-type]
+            in_f = kwargs.get("in_features", args[0] if args else None)
+            out_f = kwargs.get("out_features", args[1] if len(args) > 1 else None)
+            bias = kwargs.get("bias", args[2] if len(args) > 2 else False)
+            act_bits = kwargs.get("act_bits", args[4] if len(args) > 4 else None)
+            group_size = kwargs.get("group_size", args[5] if len(args) > 5 else 32)
+            extra = {k: v for k, v in kwargs.items()
+                     if k not in ("in_features", "out_features", "bias", "scale", "act_bits", "group_size")}
+            return GroupTernaryLinear(in_f, out_f, bias=bias, group_size=group_size, act_bits=act_bits,  # type: ignore[arg-type]
+                                      **extra)
         return super().__new__(cls)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, scale: Scale = "absmean",
