@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["interleaved", "machine_info"]
+__all__ = ["interleaved", "machine_info", "bench_moe_vs_dense"]
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], baseline: str, repeats: int = 7, warmup: int = 1) -> dict[str, Any]:
@@ -55,3 +55,49 @@ def machine_info() -> dict[str, Any]:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def bench_moe_vs_dense(experts: int = 12, top_k: int = 3, d_model: int = 256, hidden: int = 256,
+                       tokens: int = 4096, mode: str = "fwd", repeats: int = 7, warmup: int = 1,
+                       ternary: bool = True, seed: int = 0) -> dict[str, Any]:
+    """MoE FFN (top-k dispatch) vs every expert on every token, same block, same tokens (1, T, D), interleaved.
+
+    ``mode="fwd"``: inference, ternary weights frozen once on both sides, no grad.
+    ``mode="fwdbwd"``: a training step without the optimizer (latent weights ternarized in every
+    call on both sides). Returns medians, ``ratio`` = dense / moe (> 1: MoE faster), the ideal
+    E / k and the max |difference| of the two outputs (they agree in dropless mode).
+    """
+    from ternkit.models.moe import MoEConfig, MoEFFN
+
+    if mode not in ("fwd", "fwdbwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwdbwd', got {mode!r}")
+    torch.manual_seed(seed)
+    block = MoEFFN(d_model, MoEConfig(experts=experts, top_k=top_k, hidden=hidden, ternary=ternary))
+    x = torch.randn(1, tokens, d_model)
+    r = torch.randn(1, tokens, d_model)
+    if mode == "fwd":
+        block.freeze()
+
+        def run(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+            def go() -> None:
+                with torch.no_grad():
+                    fn(x)
+            return go
+    else:
+        block.train()
+        xg = x.clone().requires_grad_(True)
+
+        def run(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+            def go() -> None:
+                block.zero_grad(set_to_none=True)
+                xg.grad = None
+                (fn(xg) * r).sum().backward()
+            return go
+    with torch.no_grad():
+        max_diff = float((block(x) - block.forward_dense(x)).abs().max())
+    res = interleaved({"dense": run(block.forward_dense), "moe": run(block)}, baseline="dense", repeats=repeats,
+                      warmup=warmup)
+    return {"experts": experts, "top_k": top_k, "d_model": d_model, "hidden": hidden, "tokens": tokens, "mode": mode,
+            "ternary": ternary, "repeats": repeats, "threads": torch.get_num_threads(),
+            "moe_s": res["median_s"]["moe"], "dense_s": res["median_s"]["dense"], "ratio": res["ratio"]["moe"],
+            "ideal": experts / top_k, "max_abs_diff": max_diff, "samples_s": res["samples_s"]}
