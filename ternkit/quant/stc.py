@@ -1,0 +1,105 @@
+"""Adaptive per-head STC quantizer: alpha * {-1, 0, +1} with a threshold tau that tracks a target zero fraction."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ternkit.errors import TernkitError
+from ternkit.ops.stc import stc_quantize
+
+__all__ = ["STCQuantizer"]
+
+# torch.quantile sorts its input; beyond this many entries per head a strided subsample is
+# statistically as good and keeps the update cheap (and under quantile's input size limit).
+_MAX_QUANTILE_SAMPLES = 1 << 16
+
+
+class STCQuantizer(nn.Module):
+    """Quantize x (B, NH, S, DH) or (B, NH, DH) per vector to alpha * {-1, 0, +1} with a per-head threshold tau (NH,).
+
+    An entry is zeroed where |x| <= tau[head]; alpha is the mean |x| of the kept entries of that
+    vector (see :func:`ternkit.ops.stc.stc_quantize`). The gradient is straight-through (identity)
+    everywhere, the zero region included.
+
+    tau adapts so that the zero fraction tracks ``target_sparsity``: on the first training batch
+    it is set to the ``target_sparsity`` quantile of |x| per head (``initialized`` flags this),
+    then every training forward moves it by an EMA (``momentum``) towards the batch quantile.
+    In eval mode tau is frozen. ``tau`` and ``initialized`` are persistent buffers, so a
+    checkpoint carries them. Under DDP every rank sees different data and its tau drifts apart:
+    the training loop should call :meth:`sync_` (mean all-reduce) after the optimizer step, or at
+    least before saving a checkpoint.
+    """
+
+    tau: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(self, num_heads: int, target_sparsity: float = 0.75, momentum: float = 0.99,
+                 init_tau: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= target_sparsity < 1.0:
+            raise TernkitError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}.")
+        if not 0.0 <= momentum < 1.0:
+            raise TernkitError(f"STC momentum must be in [0, 1), got {momentum!r}.")
+        self.num_heads = int(num_heads)
+        self.target_sparsity = float(target_sparsity)
+        self.momentum = float(momentum)
+        # init_tau is only used if the module runs in eval mode before it ever saw a training batch.
+        self.register_buffer("tau", torch.full((self.num_heads,), float(init_tau)))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._last_zero_fraction: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def batch_quantile(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``target_sparsity`` quantile of |x| per head (NH,), x (B, NH, ..., DH)."""
+        a = x.detach().abs().float().transpose(0, 1).reshape(self.num_heads, -1)
+        n = a.shape[1]
+        if n > _MAX_QUANTILE_SAMPLES:
+            step = -(-n // _MAX_QUANTILE_SAMPLES)
+            a = a[:, ::step]
+        return torch.quantile(a, self.target_sparsity, dim=1)
+
+    @torch.no_grad()
+    def update_tau_(self, x: torch.Tensor) -> None:
+        """Move tau towards this batch's quantile (EMA); the first call sets it outright."""
+        q = self.batch_quantile(x).to(self.tau.dtype)
+        if bool(self.initialized):
+            self.tau.mul_(self.momentum).add_(q, alpha=1.0 - self.momentum)
+        else:
+            self.tau.copy_(q)
+            self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def sync_(self) -> None:
+        """Average tau over all ranks (all-reduce mean) when torch.distributed is initialized; no-op otherwise."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.tau, op=dist.ReduceOp.SUM)
+            self.tau.div_(dist.get_world_size())
+            # A rank that never trained would otherwise keep initialized=False and overwrite tau later.
+            flag = self.initialized.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.initialized.copy_(flag.bool())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantized x, same shape (B, NH, S, DH) or (B, NH, DH); updates tau first in training mode."""
+        if x.dim() not in (3, 4) or x.shape[1] != self.num_heads:
+            raise TernkitError(f"STCQuantizer expects (B, {self.num_heads}, S, DH) or (B, {self.num_heads}, DH), "
+                               f"got shape {tuple(x.shape)}; reshape to heads first.")
+        if self.training:
+            self.update_tau_(x)
+        tau = self.tau.to(x.dtype).view(1, self.num_heads, *([1] * (x.dim() - 2)))
+        y = stc_quantize(x, tau)
+        with torch.no_grad():
+            self._last_zero_fraction = (y == 0).float().mean()
+        return y
+
+    @property
+    def last_zero_fraction(self) -> float:
+        """Fraction of entries zeroed by the last forward (nan before the first)."""
+        if self._last_zero_fraction is None:
+            return float("nan")
+        return float(self._last_zero_fraction)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, target_sparsity={self.target_sparsity}, momentum={self.momentum}"
