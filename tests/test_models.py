@@ -304,8 +304,8 @@ def test_stc_ternary_lm_trains_300_steps(one_thread: None) -> None:
     first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
     assert last < 0.8 * first, (first, last)
     for st in m.stc_stats():
-        # The EMA (momentum 0.99) lags while the k/v scales still grow, so the zero fraction trails the target.
-        assert abs(st["zero_fraction_k"] - 0.75) < 0.15 and abs(st["zero_fraction_v"] - 0.75) < 0.15
+        # The EMA (momentum 0.9) trails the target a little while the k/v scales still grow.
+        assert abs(st["zero_fraction_k"] - 0.75) < 0.08 and abs(st["zero_fraction_v"] - 0.75) < 0.08
     frac = _decode_skip_fraction(m)
     print(f"loss {first:.3f} -> {last:.3f}; decode skip fraction {frac:.3f}")
     assert 0.0 < frac < 1.0

@@ -35,7 +35,7 @@ class STCQuantizer(nn.Module):
     tau: torch.Tensor
     initialized: torch.Tensor
 
-    def __init__(self, num_heads: int, target_sparsity: float = 0.75, momentum: float = 0.99,
+    def __init__(self, num_heads: int, target_sparsity: float = 0.75, momentum: float = 0.9,
                  init_tau: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= target_sparsity < 1.0:
