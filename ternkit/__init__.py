@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_packed"]
+
+
+def load_packed(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Rebuild the model of a ``ternkit export --packed`` folder (eval mode); see :func:`ternkit.export.load_packed`.
+
+    A thin wrapper so that ``import ternkit`` stays light: torch and the model code load on first call.
+    """
+    from ternkit.export import load_packed as _load_packed
+
+    return _load_packed(path)

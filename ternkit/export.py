@@ -15,7 +15,7 @@ from ternkit import __version__
 from ternkit.errors import TernkitError
 
 __all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "check_export", "ExportReport",
-           "find_tokenizer"]
+           "find_tokenizer", "check_tokenizer_fits"]
 
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
@@ -72,11 +72,22 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def find_tokenizer(ckpt_path: Path, run_info: dict[str, Any]) -> Path | None:
     """The tokenizer.json that belongs to a checkpoint: in its run folder (from run_info or beside it)."""
-    candidates = []
+    # Beside the checkpoint first: run_info's run_dir may be relative to another working directory.
+    candidates = [ckpt_path.parent / _TOKENIZER]
     if run_info.get("run_dir"):
         candidates.append(Path(run_info["run_dir"]) / _TOKENIZER)
-    candidates += [ckpt_path.parent / _TOKENIZER, ckpt_path.parent.parent / _TOKENIZER]
-    return next((c for c in candidates if c.exists()), None)
+    candidates.append(ckpt_path.parent.parent / _TOKENIZER)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def check_tokenizer_fits(tok_path: Path, vocab_size: int, what: str) -> None:
+    """Raise TernkitError when the tokenizer at ``tok_path`` has ids the model (``vocab_size`` rows) cannot embed."""
+    from ternkit.train.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    if int(tok.vocab_size) > int(vocab_size):
+        raise TernkitError(f"{tok_path} has {tok.vocab_size} tokens but {what} has a vocabulary of {vocab_size}; "
+                           "put the tokenizer.json the model was trained with beside the checkpoint.")
 
 
 def _latent_ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -148,6 +159,9 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
                            "choose another -o.")
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt["ternkit"]["model_config"]
+    tok = find_tokenizer(ckpt_path, info.get("run_info", {}))
+    if tok is not None:
+        check_tokenizer_fits(tok, cfg["vocab_size"], f"the model in {ckpt_path}")
     latent = _latent_ternary_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, dict[str, Any]] = {}
@@ -203,7 +217,6 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     tmp.replace(out_dir / _WEIGHTS)
     (out_dir / _CONFIG).write_text(json.dumps({"ternkit_version": __version__, "packing": fmt, "model": cfg,
                                                "ternary_layers": layers_meta}, indent=2))
-    tok = find_tokenizer(ckpt_path, info.get("run_info", {}))
     if tok is not None:
         shutil.copyfile(tok, out_dir / _TOKENIZER)
     return ExportReport(out_dir, fmt, tern_w, tern_b, other_params, other_bytes, (out_dir / _WEIGHTS).stat().st_size,

@@ -41,6 +41,14 @@ def export_cmd(
     t.add_row("ratio to fp16", f"{rep.ratio_to_fp16:.2f}x smaller")
     t.add_row("tokenizer.json", "copied" if rep.tokenizer else "none (synthetic task or not found)")
     console.print(t)
+    if rep.rows:
+        lt = Table(title="ternary layers")
+        lt.add_column("layer", overflow="fold")
+        lt.add_column("shape", justify="right")
+        lt.add_column("bits/weight", justify="right")
+        for row in rep.rows:
+            lt.add_row(row["layer"], "x".join(str(d) for d in row["shape"]), f"{row['bits_per_weight']:.3f}")
+        console.print(lt)
     if check:
         diff = check_export(ckpt, out_dir)
         if diff > 1e-5:

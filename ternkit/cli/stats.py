@@ -7,12 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ternkit.cli.app import app, console, user_errors
 
 
+def _print_table(t: Table) -> None:
+    """Print a table; piped output is read by people too, so it gets 120 columns instead of rich's 80."""
+    if console.is_terminal:
+        console.print(t)
+    else:
+        Console(file=console.file, width=max(console.width, 120)).print(t)
+
+
 def _fmt(v: Any) -> str:
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return "[" + " ".join(_fmt(x) for x in v) + "]"
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -73,12 +86,15 @@ def stats_cmd(
             if not out["stc"]:
                 raise TernkitError(f"{ckpt} has no STC memory (memory_backend is dense); drop --stc.")
     if json_out:
-        console.print_json(json.dumps(out, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        text = json.dumps(out, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        # Plain text for machines: no highlighting, no wrapping at the terminal width.
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
         return
     if deadzone:
         rep = out["deadzone"]
         t = Table(title=f"dead zone of {ckpt} (band {band})")
-        t.add_column("layer", overflow="fold", ratio=3)
+        # Layer names are the useful part of the table: never fold them, narrow the number columns instead.
+        t.add_column("layer", no_wrap=True, min_width=max([len(n) for n in rep["layers"]] + [5]))
         for col in ("weights", "alpha", "-1", "0", "+1", "edge", "deep 0"):
             t.add_column(col, justify="right", no_wrap=True)
         for name, d in rep["layers"].items():
@@ -88,7 +104,7 @@ def stats_cmd(
         t.add_section()
         t.add_row("total", f"{tot['numel']:,}", "", _fmt(tot["frac_neg"]), _fmt(tot["frac_zero"]), _fmt(tot["frac_pos"]),
                   _fmt(tot["frac_boundary"]), _fmt(tot["frac_zero_inner"]), style="bold")
-        console.print(t)
+        _print_table(t)
     if moe:
         t = Table(title="MoE expert loads (probe batch)")
         for col in ("block", "tokens per expert", "imbalance", "entropy", "dropped"):
@@ -96,12 +112,11 @@ def stats_cmd(
         for d in out["moe"]:
             t.add_row(str(d["block"]), " ".join(str(int(v)) for v in d.get("tokens_per_expert", [])),
                       _fmt(d.get("load_imbalance")), _fmt(d.get("router_entropy")), _fmt(d.get("dropped_frac")))
-        console.print(t)
+        _print_table(t)
     if stc:
         t = Table(title="STC memory (probe batch)")
         t.add_column("block")
         t.add_column("stats")
         for d in out["stc"]:
-            t.add_row(str(d["block"]), ", ".join(f"{k}={_fmt(v) if not hasattr(v, 'tolist') else v.tolist()}"
-                                                 for k, v in d.items() if k != "block"))
-        console.print(t)
+            t.add_row(str(d["block"]), ", ".join(f"{k}={_fmt(v)}" for k, v in d.items() if k != "block"))
+        _print_table(t)

@@ -30,7 +30,7 @@ def train_cmd(
 
     r = load_recipe(recipe, set_ or [])
     if print_config:
-        console.print(r.to_yaml(), highlight=False, markup=False)
+        console.print(r.to_yaml(), end="", highlight=False, markup=False, soft_wrap=True)
         return
     res = train(r, resume=resume, dry_run=dry_run, progress=not no_progress)
     if dry_run:
@@ -42,6 +42,8 @@ def train_cmd(
         console.print(t)
         console.print(f"dry run: data and model built, nothing trained (run folder would be {res.run_dir}).")
         return
+    if res.global_rank != 0:
+        return  # under DDP every rank runs this command; one summary is enough
     if json_out:
         console.print_json(json.dumps(res.to_dict()))
         return

@@ -47,6 +47,11 @@ class PackedTernaryLinear(nn.Module):
         """The trits T as int8 (out, in)."""
         return unpack_trits(self.packed, self.fmt, (self.out_features, self.in_features))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """alpha * T (out, in): the layer's effective weight, so weight-based statistics (dead zone) work on an export."""
+        return self.ternary_weight()
+
     def scale_of(self) -> torch.Tensor:
         """alpha, broadcastable to (out, in)."""
         return self.alpha

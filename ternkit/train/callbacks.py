@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-__all__ = ["IntegerStateCallback", "TelemetryCallback", "AtomicCheckpointIO", "telemetry", "step_integer_state"]
+__all__ = ["IntegerStateCallback", "TelemetryCallback", "AtomicCheckpointIO", "ReplicaCheckCallback", "SampleCallback",
+           "telemetry", "step_integer_state", "replica_state", "replica_digests", "sample_text"]
 
 
 def step_integer_state(model: nn.Module) -> dict[str, int]:
@@ -52,18 +55,22 @@ def telemetry(model: nn.Module, band: float = 0.1) -> dict[str, float]:
         for key in ("frac_neg", "frac_zero", "frac_pos", "frac_boundary"):
             if d.get(key) is not None:
                 out[f"trits/{name}/{key}"] = float(d[key])
+    # stc_stats / moe_stats: one dict per block, {"block": j, ...}; per-head lists become one column per head.
     stc = getattr(model, "stc_stats", None)
-    if callable(stc):
-        for name, d in stc().items():
-            for key, val in d.items():
-                if isinstance(val, (int, float)):
-                    out[f"stc/{name}/{key}"] = float(val)
+    for d in stc() if callable(stc) else []:
+        for key, val in d.items():
+            if key == "block":
+                continue
+            if isinstance(val, (list, tuple)):
+                for h, v in enumerate(val):
+                    out[f"stc/block{d['block']}/{key}/{h}"] = float(v)
+            elif isinstance(val, (int, float)) and not isinstance(val, bool):
+                out[f"stc/block{d['block']}/{key}"] = float(val)
     moe = getattr(model, "moe_stats", None)
-    if callable(moe):
-        for name, d in moe().items():
-            for key in ("load_imbalance", "aux_loss", "z_loss", "router_entropy", "dropped_frac"):
-                if isinstance(d.get(key), (int, float)):
-                    out[f"moe/{name}/{key}"] = float(d[key])
+    for d in moe() if callable(moe) else []:
+        for key in ("load_imbalance", "aux_loss", "z_loss", "router_entropy", "dropped_frac"):
+            if isinstance(d.get(key), (int, float)):
+                out[f"moe/block{d['block']}/{key}"] = float(d[key])
     return out
 
 
@@ -83,6 +90,113 @@ class TelemetryCallback(L.Callback):
         self.last = telemetry(pl_module.model, self.band)
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=step)
+
+
+def replica_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state that ternkit itself keeps in sync across DDP ranks: every integer buffer, STC thresholds, MoE biases.
+
+    Float parameters are left out: DDP's gradient all-reduce keeps those equal, not ternkit's code.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, buf in model.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if not torch.is_floating_point(buf) or leaf in ("tau", "expert_bias"):
+            out[name] = buf
+    return out
+
+
+def _digest(t: torch.Tensor) -> int:
+    """A 63-bit hash of a tensor's dtype, shape and bytes (bit-exact: -0.0 and 0.0 differ)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=8)
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def replica_digests(model: nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Names (sorted) and int64 hashes (n,) of :func:`replica_state`, for comparing replicas."""
+    state = replica_state(model)
+    names = sorted(state)
+    return names, torch.tensor([_digest(state[n]) for n in names], dtype=torch.int64)
+
+
+class ReplicaCheckCallback(L.Callback):
+    """At the end of training, checks that every DDP rank holds the same integer state, STC tau and MoE bias.
+
+    Each rank hashes :func:`replica_state`; the hashes are all-gathered and compared. ``identical``
+    is None with a single process, else True/False on every rank; ``differing`` names the buffers
+    that disagree. A mismatch warns loudly: the replicas have silently become different models.
+    """
+
+    def __init__(self) -> None:
+        self.identical: bool | None = None
+        self.differing: list[str] = []
+        self.world_size = 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.world_size = int(trainer.world_size)
+        if self.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        names, local = replica_digests(pl_module.model)
+        # gloo gathers CPU tensors; nccl needs them on the rank's device.
+        dev = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else pl_module.device
+        local = local.to(dev)
+        gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, local)
+        ref = gathered[0].cpu()
+        bad = torch.zeros(len(names), dtype=torch.bool)
+        for other in gathered[1:]:
+            bad |= other.cpu() != ref
+        self.differing = [n for n, b in zip(names, bad.tolist()) if b]
+        self.identical = not self.differing
+        if not self.identical and trainer.is_global_zero:
+            shown = ", ".join(self.differing[:5]) + (" ..." if len(self.differing) > 5 else "")
+            warnings.warn(f"DDP replicas ended training with DIFFERENT integer state/STC tau/MoE bias in "
+                          f"{len(self.differing)} buffer(s): {shown}; the ranks' models have diverged, please report this.",
+                          RuntimeWarning, stacklevel=2)
+
+
+@torch.no_grad()
+def sample_text(model: nn.Module, tok: Any, prompt: str, n: int, seed: int) -> str:
+    """``prompt`` followed by ``n`` sampled tokens (temperature 0.8, top-40), decoded; the model's mode is restored.
+
+    Sampling uses its own generator, and eval mode freezes STC thresholds and MoE load counts, so a
+    sample leaves the training state (and thus a resumed run's replay) untouched.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        ids = tok.encode(prompt) or [0]
+        g = torch.Generator().manual_seed(seed)
+        dev = next(model.parameters()).device
+        out = model.generate(torch.tensor([ids], device=dev), n, greedy=False, temperature=0.8, top_k=40, generator=g)
+        return tok.decode(out[0].tolist())
+    finally:
+        model.train(was_training)
+
+
+class SampleCallback(L.Callback):
+    """Every ``every`` optimizer steps, prints a sample from ``prompt`` on rank 0 (above the progress bar)."""
+
+    def __init__(self, every: int, tokenizer: Any, prompt: str, n_tokens: int, seed: int) -> None:
+        self.every = int(every)
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.n_tokens = int(n_tokens)
+        self.seed = int(seed)
+        self.samples: dict[int, str] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step == 0 or step % self.every or not trainer.is_global_zero:
+            return
+        if step in self.samples:  # gradient accumulation: several batches end at the same step
+            return
+        text = sample_text(pl_module.model, self.tokenizer, self.prompt, self.n_tokens, self.seed)
+        self.samples[step] = text
+        pl_module.print(f"--- sample at step {step} ---\n{text}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -80,10 +81,7 @@ class TernkitLM(L.LightningModule):
         ce, aux, ntok = self._losses(batch)
         loss = ce + aux
         if not torch.isfinite(loss).item():
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
-                "in the run directory: lower optimizer.lr or set trainer.grad_clip, then resume with --resume auto."
-            )
+            raise NonFiniteLossError(self._non_finite_message(loss.item()))
         now = time.perf_counter()
         if self._t_last is not None:
             dt = max(now - self._t_last, 1e-9)
@@ -96,6 +94,23 @@ class TernkitLM(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("tokens", float(ntok * (self.global_step + 1) * self.trainer.world_size), on_step=True)
         return loss
+
+    def _non_finite_message(self, value: float) -> str:
+        """One sentence: the bad loss, the step, which checkpoint survives, what to do."""
+        run_dir = (self.hparams.get("run_info") or {}).get("run_dir")
+        last = Path(run_dir) / "last.ckpt" if run_dir else None
+        if last is not None and last.is_file():
+            try:
+                good = torch.load(last, map_location="cpu", weights_only=True).get("global_step")
+            except Exception:  # a checkpoint we cannot read says nothing about the step
+                good = None
+            kept = f"the last good checkpoint {last}" + (f" (step {good})" if good is not None else "") + " is kept"
+            fix = "then resume with --resume auto"
+        else:
+            kept = "no checkpoint was written before it (lower checkpoint.every_steps to keep one)"
+            fix = "then train again"
+        return (f"the training loss became {value} at step {self.global_step}, so the run stopped and {kept}: "
+                f"lower optimizer.lr or set trainer.grad_clip, {fix}.")
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Validation cross-entropy (logged as val/loss)."""
@@ -113,13 +128,15 @@ class TernkitLM(L.LightningModule):
         """AdamW or Muon+AdamW with warmup + cosine (optionally BitNet two-stage) stepped every optimizer step."""
         o, s = self.hparams.optimizer, self.hparams.schedule
         opt = build_optimizer(self.model, o.get("name", "adamw"), float(o["lr"]), float(o.get("weight_decay", 0.0)),
-                              tuple(o.get("betas", (0.9, 0.95))))
+                              tuple(o.get("betas", (0.9, 0.95))), eps=float(o.get("eps", 1e-8)),
+                              momentum=float(o.get("momentum", 0.95)))
         max_steps = int(self.hparams.max_steps)
         two_stage = bool(o.get("two_stage", False))
+        two_stage_at = float(o.get("two_stage_at", 0.5))
 
         def factor(step: int) -> float:
             return lr_factor(step, max_steps, int(s.get("warmup_steps", 0)), s.get("kind", "cosine"),
-                             float(s.get("min_lr_ratio", 0.1)), two_stage)
+                             float(s.get("min_lr_ratio", 0.1)), two_stage, two_stage_at)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
@@ -128,7 +145,8 @@ class TernkitLM(L.LightningModule):
         """Apply the weight-decay schedule (BitNet two-stage: decay off in the second half)."""
         if not self.hparams.optimizer.get("two_stage", False):
             return
-        f = weight_decay_factor(self.global_step, int(self.hparams.max_steps), True)
+        f = weight_decay_factor(self.global_step, int(self.hparams.max_steps), True,
+                                float(self.hparams.optimizer.get("two_stage_at", 0.5)))
         for opt in self.trainer.optimizers:
             for g in opt.param_groups:
                 g["weight_decay"] = g.get("base_wd", g["weight_decay"]) * f

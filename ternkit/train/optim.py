@@ -34,12 +34,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, muon_params: Iterable[torch.Tensor], adamw_groups: list[dict[str, Any]], lr: float,
-                 weight_decay: float, betas: tuple[float, float]) -> None:
+                 weight_decay: float, betas: tuple[float, float], eps: float = 1e-8, momentum: float = 0.95) -> None:
         muon_params = list(muon_params)
-        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn="match_rms_adamw")
         for g in self.muon.param_groups:
             g["base_wd"] = weight_decay
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas)
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps)
         # Optimizer's own bookkeeping (hooks, defaults) without registering params twice.
         super().__init__([{"params": [torch.zeros(1)]}], {"lr": lr})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
@@ -72,10 +73,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
-    """AdamW (``name="adamw"``) or Muon for hidden matrices + AdamW for the rest (``name="muon"``)."""
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    momentum: float = 0.95) -> torch.optim.Optimizer:
+    """AdamW (``name="adamw"``) or Muon for hidden matrices + AdamW for the rest (``name="muon"``).
+
+    ``eps`` is AdamW's; ``momentum`` is Muon's.
+    """
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
     if name == "muon":
         emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         head = getattr(model, "head", None)
@@ -92,39 +97,46 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                 rest.append(p)
         groups = [{"params": rest_decay, "weight_decay": weight_decay, "base_wd": weight_decay},
                   {"params": rest, "weight_decay": 0.0, "base_wd": 0.0}]
-        return MuonWithAdamW(muon, [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas)
+        return MuonWithAdamW(muon, [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas,
+                             eps=eps, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def lr_factor(step: int, max_steps: int, warmup_steps: int, kind: str = "cosine", min_lr_ratio: float = 0.1,
-              two_stage: bool = False) -> float:
-    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine (or constant) decay.
+def _stage_start(max_steps: int, two_stage_at: float) -> int:
+    """The optimizer step where BitNet's second stage begins."""
+    return min(max(int(round(max_steps * two_stage_at)), 1), max_steps)
 
-    With ``two_stage`` (BitNet b1.58), the second half of training restarts the decay from half the
-    peak LR: the first stage ends high, the cool-down stage is short and low.
+
+def lr_factor(step: int, max_steps: int, warmup_steps: int, kind: str = "cosine", min_lr_ratio: float = 0.1,
+              two_stage: bool = False, two_stage_at: float = 0.5) -> float:
+    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine, linear or constant decay.
+
+    Decay runs from the peak to ``min_lr_ratio * peak`` at ``max_steps``. With ``two_stage`` (BitNet
+    b1.58), stage one is the first part of a schedule that would end at ``2 * mid`` (it stays high),
+    and at ``mid = two_stage_at * max_steps`` stage two restarts the decay from half the peak.
     """
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown schedule kind {kind!r}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    mid = _stage_start(max_steps, two_stage_at)
     if kind == "constant":
-        base = 1.0
-        if two_stage and step >= max_steps // 2:
-            base = 0.5
-        return base
+        return 0.5 if two_stage and step >= mid else 1.0
 
-    def cosine(s: int, start: int, end: int, peak: float) -> float:
+    def decay(s: int, start: int, end: int, peak: float) -> float:
         t = min(max((s - start) / max(end - start, 1), 0.0), 1.0)
-        return min_lr_ratio * peak + (1 - min_lr_ratio) * peak * 0.5 * (1 + math.cos(math.pi * t))
+        shape = 1.0 - t if kind == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+        return min_lr_ratio * peak + (1 - min_lr_ratio) * peak * shape
 
     if two_stage:
-        mid = max_steps // 2
         if step < mid:
-            return cosine(step, warmup_steps, 2 * mid, 1.0)  # stage 1: the first half of a full cosine
-        return cosine(step, mid, max_steps, 0.5)
-    return cosine(step, warmup_steps, max_steps, 1.0)
+            return decay(step, warmup_steps, 2 * mid, 1.0)
+        return decay(step, mid, max_steps, 0.5)
+    return decay(step, warmup_steps, max_steps, 1.0)
 
 
-def weight_decay_factor(step: int, max_steps: int, two_stage: bool) -> float:
-    """Multiplier of the base weight decay: 1, or with ``two_stage`` 1 in the first half and 0 after (BitNet b1.58)."""
-    if two_stage and step >= max_steps // 2:
+def weight_decay_factor(step: int, max_steps: int, two_stage: bool, two_stage_at: float = 0.5) -> float:
+    """Multiplier of the base weight decay: 1, or with ``two_stage`` 1 in stage one and 0 after (BitNet b1.58)."""
+    if two_stage and step >= _stage_start(max_steps, two_stage_at):
         return 0.0
     return 1.0

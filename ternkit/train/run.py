@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -89,12 +91,16 @@ class TrainResult:
     counts: dict[str, int] = field(default_factory=dict)
     resumed_from: str | None = None
     last_ckpt: Path | None = None
+    replicas: int = 1
+    replicas_identical: bool | None = None
+    global_rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable summary."""
         return {"run_dir": str(self.run_dir), "steps": self.steps, "train_loss": self.train_loss,
                 "val_loss": self.val_loss, "val_acc": self.val_acc, "sample": self.sample, "counts": self.counts,
-                "resumed_from": self.resumed_from, "last_ckpt": str(self.last_ckpt) if self.last_ckpt else None}
+                "resumed_from": self.resumed_from, "last_ckpt": str(self.last_ckpt) if self.last_ckpt else None,
+                "replicas": self.replicas, "replicas_identical": self.replicas_identical}
 
 
 def _loggers(recipe: Any, run_dir: Path) -> list[Any]:
@@ -127,20 +133,62 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _strategy(name: str, cfg: dict[str, Any]) -> Any:
+    """Lightning strategy for ``trainer.strategy``; plain DDP gets ternkit's settings, anything else passes through.
+
+    ternkit keeps its own buffers (integer accumulators, STC tau, MoE bias) identical across ranks by
+    all-reducing their updates once per optimizer step, so DDP's per-forward broadcast of every buffer
+    from rank 0 is turned off: it would cost a copy of all integer state per forward and hide a broken
+    sync from the end-of-run replica check. MoE experts that get no token in a step have no gradient,
+    so DDP must look for unused parameters there.
+    """
+    if name != "ddp":
+        return name
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(broadcast_buffers=False, find_unused_parameters=cfg.get("moe") is not None)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts (empty when the file is absent)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@contextlib.contextmanager
+def _merged_metrics(path: Path, old_rows: list[dict[str, str]], resume_step: int) -> Iterator[None]:
+    """On exit (also after an error), write ``old_rows`` logged before ``resume_step`` ahead of the new rows in ``path``."""
+    try:
+        yield
+    finally:
+        if old_rows and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and int(os.environ.get("NODE_RANK", "0") or 0) == 0:
+            keep = [r for r in old_rows if r.get("step") and int(float(r["step"])) < resume_step]
+            rows = keep + _read_csv(path)
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.merge.tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+
+
+def _restore_bytes(path: Path, data: bytes, times: tuple[int, int] | None = None) -> None:
+    """Put ``data`` (and its old atime/mtime in ns) back at ``path`` atomically."""
+    tmp = path.with_name(f".{path.name}.restore.tmp")
+    tmp.write_bytes(data)
+    if times is not None:
+        os.utime(tmp, ns=times)
+    os.replace(tmp, path)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _sample(model: nn.Module, tok: Any, prompt: str, n: int, seed: int) -> str:
-    model.eval()
-    ids = tok.encode(prompt) or [0]
-    g = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=dev), n, greedy=False, temperature=0.8, top_k=40, generator=g)
-    return tok.decode(out[0].tolist())
 
 
 def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progress: bool = True,
@@ -154,7 +202,8 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     from ternkit.export import load_checkpoint
-    from ternkit.train.callbacks import AtomicCheckpointIO, IntegerStateCallback, TelemetryCallback
+    from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, ReplicaCheckCallback,
+                                        SampleCallback, TelemetryCallback, sample_text)
     from ternkit.train.data import TernkitDataModule
     from ternkit.train.module import TernkitLM
 
@@ -168,12 +217,35 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     if ckpt_path is not None:
         ckpt_cfg = load_checkpoint(ckpt_path)["ternkit"]["model_config"]
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    # Building the data writes tokenizer.json into the run folder; keep the run's own copy to put back
+    # if this recipe's tokenizer turns out not to be the one the run was trained with.
+    tok_file = run_dir / "tokenizer.json"
+    old_tok = tok_file.read_bytes() if tok_file.is_file() else None
+    old_tok_times = (tok_file.stat().st_atime_ns, tok_file.stat().st_mtime_ns) if old_tok is not None else None
     dm = TernkitDataModule(recipe, run_dir)
     dm.setup()
     cfg = model_config_from_recipe(recipe, dm.vocab_size)
+    new_tok = tok_file.read_bytes() if tok_file.is_file() else None
+    tok_changed = old_tok is not None and new_tok != old_tok
+    if old_tok is not None and (ckpt_path is not None or dry_run) and (tok_changed or new_tok is None):
+        _restore_bytes(tok_file, old_tok, old_tok_times)
+    elif old_tok is not None and not tok_changed and old_tok_times is not None:
+        os.utime(tok_file, ns=old_tok_times)  # rewritten with the same bytes: keep the run's file as it was
     if ckpt_cfg is not None and ckpt_cfg.get("vocab_size") != cfg["vocab_size"]:
         raise TernkitError(f"the checkpoint's vocabulary ({ckpt_cfg.get('vocab_size')}) does not match this recipe's "
                            f"tokenizer ({cfg['vocab_size']}); resume with the tokenizer the run was trained with.")
+    if ckpt_cfg is not None:
+        from ternkit.models.config import XLSTMLMConfig
+
+        want = XLSTMLMConfig.from_dict(cfg).to_dict()
+        diff = [k for k in want if k != "extra" and want[k] != ckpt_cfg.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}={ckpt_cfg.get(k)!r} vs {want[k]!r}" for k in diff[:3])
+            raise TernkitError(f"{ckpt_path} holds a different model than this recipe describes ({shown}); resume with "
+                               "the run's own recipe.yaml or start a new run with --set name=<new name>.")
+    if ckpt_path is not None and tok_changed:
+        raise TernkitError(f"this recipe's tokenizer differs from the one {run_dir} was trained with (tokenizer.json); "
+                           "resume with the run's own recipe.yaml.")
     module = TernkitLM(cfg, recipe.optimizer.model_dump(mode="json"), recipe.schedule.model_dump(mode="json"),
                        recipe.trainer.max_steps, run_info={"run_dir": str(run_dir), "name": recipe.name})
     counts = parameter_counts(module.model)
@@ -185,36 +257,47 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     _write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     t = recipe.trainer
     every = recipe.checkpoint.every_steps or None
+    replicas = ReplicaCheckCallback()
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=str(run_dir), filename="step{step:07d}", save_last=True, save_top_k=0,
                         every_n_train_steps=every, auto_insert_metric_name=False),
         IntegerStateCallback(),
         TelemetryCallback(recipe.logging.telemetry_every),
+        replicas,
     ]
     if recipe.checkpoint.keep_best:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir), filename="best", monitor="val/loss", mode="min",
                                          save_top_k=1, save_last=False, auto_insert_metric_name=False,
                                          enable_version_counter=False))
+    if t.sample_every > 0 and dm.tokenizer is not None:
+        callbacks.append(SampleCallback(t.sample_every, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed))
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     val_every = min(t.val_every, t.max_steps) * t.grad_accum
     trainer = L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision, gradient_clip_val=t.grad_clip,
+        strategy=_strategy(t.strategy, cfg), precision=t.precision, gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.grad_accum, val_check_interval=val_every, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every,
         logger=_loggers(recipe, run_dir) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
         deterministic=False,
     )
-    with warnings.catch_warnings():
+    # Lightning's CSV logger deletes metrics.csv when it opens an existing log folder; a resumed run
+    # keeps the history before its resume point and appends the replayed steps after it.
+    metrics_csv = run_dir / "logs" / "metrics.csv"
+    old_metrics = _read_csv(metrics_csv) if ckpt_path is not None else []
+    resume_step = int(load_checkpoint(ckpt_path).get("global_step", 0)) if ckpt_path is not None else 0
+    with warnings.catch_warnings(), _merged_metrics(metrics_csv, old_metrics, resume_step):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*is an IterableDataset.*")
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__`.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        # Lightning's own use of a deprecated torch pytree API: noise the user can do nothing about.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)`? is deprecated.*")
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-    last = run_dir / "last.ckpt"
-    trainer.save_checkpoint(str(last), weights_only=False)  # the final step, whatever every_steps was
+        last = run_dir / "last.ckpt"
+        trainer.save_checkpoint(str(last), weights_only=False)  # the final step, whatever every_steps was
     result.steps = int(trainer.global_step)
     result.train_loss = module.last_train_loss
     metrics = trainer.callback_metrics
@@ -223,8 +306,11 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     if "val/acc" in metrics:
         result.val_acc = float(metrics["val/acc"])
     result.last_ckpt = last
+    result.replicas = replicas.world_size
+    result.global_rank = int(trainer.global_rank)
+    result.replicas_identical = replicas.identical
     if trainer.is_global_zero and dm.tokenizer is not None and t.sample_tokens > 0:
-        result.sample = _sample(module.model, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed)
+        result.sample = sample_text(module.model, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed)
     if trainer.is_global_zero:
         _write_atomic(run_dir / "summary.json", json.dumps(result.to_dict(), indent=2))
     return result

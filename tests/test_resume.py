@@ -1,0 +1,123 @@
+"""A run killed with SIGKILL mid-way and resumed with --resume auto reaches the same loss at the same step as an
+uninterrupted run (toy scale, CPU): model, optimizer, schedule, STC thresholds, integer accumulators, data position."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli_subprocess, sets, toy_text_sets, train_losses
+
+N_STEPS = 12
+EVERY = 4
+
+# Runs the CLI with every training step slowed down (numerics untouched), so that the test can kill
+# the process between two checkpoints instead of racing a run that finishes in a second.
+_SLOW_MAIN = """
+import os, sys, time
+from ternkit.train.module import TernkitLM
+
+_orig = TernkitLM.training_step
+_delay = float(os.environ.get("TERNKIT_TEST_STEP_DELAY", "0"))
+
+
+def _slow(self, batch, batch_idx):
+    time.sleep(_delay)
+    return _orig(self, batch, batch_idx)
+
+
+TernkitLM.training_step = _slow
+from ternkit.cli.main import main
+
+sys.argv[0] = "ternkit"
+main()
+"""
+
+
+def _global_step(path: Path) -> int | None:
+    """global_step of a checkpoint, or None while it is absent or unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen[str], last: Path, min_step: int, timeout: float = 240) -> int:
+    """SIGKILL ``proc`` once ``last`` holds a checkpoint at step >= ``min_step``; returns that step."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run B ended (code {proc.returncode}) before it could be killed:\n{out}\n{err}")
+        step = _global_step(last) if last.exists() else None
+        if step is not None and step >= min_step:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            return step
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("run B wrote no checkpoint in time")
+
+
+@pytest.mark.parametrize("variant", ["stc", pytest.param("group", marks=pytest.mark.slow)])
+def test_sigkill_then_resume_matches_uninterrupted(variant: str, tmp_path: Path, token_cache: Path) -> None:
+    script = tmp_path / "slow_main.py"
+    script.write_text(_SLOW_MAIN)
+    # The group variant also accumulates 2 micro-batches per step: the data position is then 2 * global_step.
+    extra = sets("quant.scale=group", "trainer.grad_accum=2") if variant == "group" else []
+    common = (["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, N_STEPS) + extra
+              + sets(f"checkpoint.every_steps={EVERY}", "trainer.val_every=5", "optimizer.lr=1e-2"))
+    # One intra-op thread per process: A and B share the cores, and a thread count that cannot change under
+    # load keeps every CPU reduction in one fixed order (bit-identical runs).
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # B first (slowed), A alongside it: both see the same seed, data and recipe, only the name differs.
+    def start(name: str, delay: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(script)] + common + sets(f"name={name}"), cwd=tmp_path,
+                                env={**os.environ, **env, "TERNKIT_TEST_STEP_DELAY": delay},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc_b, proc_a = start("b", "0.4"), start("a", "0")
+    try:
+        killed_at = _kill_after_checkpoint(proc_b, tmp_path / "runs" / "b" / "last.ckpt", EVERY)
+        _, err_a = proc_a.communicate(timeout=300)
+        assert proc_a.returncode == 0, err_a
+    finally:
+        for proc in (proc_a, proc_b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert EVERY <= killed_at < N_STEPS
+
+    res_b = run_cli_subprocess(common + sets("name=b") + ["--resume", "auto"], cwd=tmp_path, script=str(script),
+                               env=env)
+    assert res_b.returncode == 0, res_b.stderr
+
+    run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    loss_a, loss_b = train_losses(run_a), train_losses(run_b)
+    # B's log keeps its history from before the kill and continues it after the resume point.
+    assert sorted(loss_a) == sorted(loss_b) == list(range(N_STEPS)), (sorted(loss_a), sorted(loss_b))
+    # Same batch, weights, optimizer state, LR, tau and integer state at every step, after the resume point too.
+    for step in range(N_STEPS):
+        assert loss_b[step] == pytest.approx(loss_a[step], abs=1e-6, rel=0), (step, killed_at, loss_a[step], loss_b[step])
+    sum_a = json.loads((run_a / "summary.json").read_text())
+    sum_b = json.loads((run_b / "summary.json").read_text())
+    assert sum_b["steps"] == sum_a["steps"] == N_STEPS
+    assert sum_b["resumed_from"] is not None and sum_a["resumed_from"] is None
+    assert sum_b["train_loss"] == pytest.approx(sum_a["train_loss"], abs=1e-6, rel=0)
+    # Final states agree too: every tensor of the model (trits, scales, tau, accumulators).
+    sd_a = torch.load(run_a / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    sd_b = torch.load(run_b / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert sd_a.keys() == sd_b.keys()
+    for key in sd_a:
+        if sd_a[key].is_floating_point():
+            assert torch.allclose(sd_a[key], sd_b[key], atol=1e-6, rtol=0), key
+        else:
+            assert torch.equal(sd_a[key], sd_b[key]), key

@@ -1,0 +1,193 @@
+"""`ternkit train` end to end at toy scale: loss falls, run folder, --print-config, --dry-run, every shipped
+recipe, refusing to overwrite a run, telemetry, integer-state updates once per optimizer step, the NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import (TOY_STEPS, assert_one_sentence_error, read_metrics, sets, snapshot, toy_text_sets,
+                      train_losses)
+
+
+def test_toy_training_loss_falls_and_run_folder(toy_run: Path) -> None:
+    for name in ("last.ckpt", "best.ckpt", "recipe.yaml", "tokenizer.json", "summary.json", "logs/metrics.csv"):
+        assert (toy_run / name).is_file(), name
+    summary = json.loads((toy_run / "summary.json").read_text())
+    assert summary["steps"] == TOY_STEPS
+    losses = train_losses(toy_run)
+    first = losses[min(losses)]
+    assert min(losses) == 0 and len(losses) == TOY_STEPS  # log_every=1: one row per step
+    assert summary["train_loss"] == pytest.approx(losses[TOY_STEPS - 1], rel=1e-6)
+    assert summary["train_loss"] < first - 0.5, (first, summary["train_loss"])  # ln(256)=5.5 at init
+    assert summary["val_loss"] is not None and math.isfinite(summary["val_loss"])
+    assert summary["counts"]["ternary"] > 0 and summary["counts"]["float"] > 0
+    ckpt = torch.load(toy_run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == TOY_STEPS and ckpt["ternkit"]["model_config"]["vocab_size"] == 256
+    # The resolved recipe in the run folder reloads to the recipe that trained it.
+    from ternkit.recipe import load_recipe
+
+    r = load_recipe(toy_run / "recipe.yaml")
+    assert r.trainer.max_steps == TOY_STEPS and r.model.memory_backend == "stc_sparse"
+
+
+def test_telemetry_logged_trit_fractions(toy_run: Path) -> None:
+    rows = read_metrics(toy_run)
+    tele = [r for r in rows if any(k.startswith("trits/") and r[k] for k in r)]
+    # telemetry_every=4, after optimizer steps 4, 8 and 12 (logged at the step count reached).
+    assert {int(r["step"]) for r in tele} == {4, 8, 12}
+    row = tele[0]
+    for key in [k for k in row if k.startswith("trits/") and k.endswith("/frac_zero")]:
+        layer = key.removesuffix("/frac_zero")
+        total = sum(float(row[f"{layer}/{f}"]) for f in ("frac_neg", "frac_zero", "frac_pos"))
+        assert total == pytest.approx(1.0, abs=1e-6)
+    assert any(k.startswith("stc/") for k in row)  # the STC memory reports its thresholds
+
+
+def test_print_config_reloads_to_same_recipe(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ternkit.recipe import load_recipe, recipe_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    over = sets("trainer.max_steps=7", "model.d_model=48", "model.moe.experts=5")
+    res = cli(["train", "moe_ternary", "--print-config"] + over)
+    assert res.code == 0, res.text
+    printed = recipe_from_dict(yaml.safe_load(res.out))
+    assert printed.to_dict() == load_recipe("moe_ternary", over[1::2]).to_dict()
+    assert printed.trainer.max_steps == 7 and printed.model.moe.experts == 5
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_counts_by_kind_and_writes_no_checkpoint(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         token_cache: Path) -> None:
+    from ternkit.recipe import load_recipe
+    from ternkit.train.module import TernkitLM
+    from ternkit.train.run import model_config_from_recipe
+
+    monkeypatch.chdir(tmp_path)
+    over = toy_text_sets(token_cache) + sets("name=dry")
+    res = cli(["train", "mlstm_stc", "--dry-run", "--no-progress"] + over)
+    assert res.code == 0, res.text
+    counts = {k: int(v.replace(",", "")) for k, v in re.findall(r"(ternary|float)\s*\S\s*([\d,]+)", res.out)}
+    # Independent count: latent ternary weights of up/qkv/down; everything else is float.
+    r = load_recipe("mlstm_stc", over[1::2])
+    model = TernkitLM(model_config_from_recipe(r, 256), {"lr": 1e-3}, {}, 1).model
+    tern = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "TernaryLinear")
+    assert counts == {"ternary": tern, "float": sum(p.numel() for p in model.parameters()) - tern}
+    assert tern > 0
+    assert not list((tmp_path / "runs" / "dry").glob("*.ckpt"))
+
+
+TOY_RECIPES = {
+    "mlstm_stc": [],
+    "xlstm_dense": [],
+    "moe_ternary": sets("model.moe.experts=4", "model.moe.top_k=2", "model.moe.hidden=16"),
+    "parity": sets("model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "data.parity.train_len_max=8",
+                   "data.parity.eval_len=16", "data.parity.num_val=8", "trainer.batch_size=4"),
+    "mqar": sets("model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "model.context_length=32",
+                 "data.mqar.vocab_size=32", "data.mqar.seq_len=32", "data.mqar.num_kv_pairs=4",
+                 "data.mqar.num_val=8", "trainer.batch_size=4"),
+}
+
+
+def test_recipes_list_matches_toy_table(cli) -> None:
+    res = cli(["recipes", "list"])
+    assert res.code == 0
+    from ternkit.recipe import list_recipes
+
+    assert set(list_recipes()) == set(TOY_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(TOY_RECIPES))
+def test_every_shipped_recipe_trains_at_toy_scale(name: str, cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    synthetic = name in ("parity", "mqar")
+    base = sets("trainer.max_steps=3", "trainer.val_every=3", "trainer.val_batches=1", "trainer.log_every=1",
+                "schedule.warmup_steps=1", "logging.tensorboard=false", "trainer.accelerator=cpu",
+                "trainer.devices=1") if synthetic else toy_text_sets(token_cache, 3) + sets("trainer.sample_every=2")
+    res = cli(["train", name, "--no-progress", "--json"] + base + TOY_RECIPES[name])
+    assert res.code == 0, res.text
+    summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+    assert summary["steps"] == 3 and math.isfinite(summary["train_loss"])
+    assert math.isfinite(summary["val_loss"])
+    if synthetic:
+        assert 0.0 <= summary["val_acc"] <= 1.0
+    else:
+        assert summary["sample"].startswith("def ")
+        assert res.out.count("--- sample at step 2 ---") == 1  # trainer.sample_every=2 within 3 steps
+    assert "LeafSpec" not in res.text and "Traceback" not in res.text
+
+
+def test_second_train_into_existing_run_is_refused(cli, toy_run: Path) -> None:
+    before = snapshot([toy_run / "last.ckpt", toy_run / "recipe.yaml", toy_run / "summary.json"])
+    res = cli(["train", str(toy_run / "recipe.yaml"), "--no-progress"])
+    msg = assert_one_sentence_error(res)
+    assert "--resume auto" in msg and "already holds a run" in msg
+    assert snapshot(list(before)) == before
+
+
+def test_integer_state_updates_once_per_optimizer_step(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                       token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    # grad_accum=2: two backward passes per optimizer step, still one integer update per step.
+    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 3)
+              + sets("name=grp", "quant.scale=group", "trainer.grad_accum=2"))
+    assert res.code == 0, res.text
+    ckpt = torch.load(tmp_path / "runs" / "grp" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    steps = {k: int(v) for k, v in ckpt["state_dict"].items() if k.endswith(".step") and v.dtype == torch.int64}
+    assert len(steps) >= 3  # up, qkv, down of the one block
+    assert set(steps.values()) == {3}, steps
+    moved = [k for k, v in ckpt["state_dict"].items() if k.endswith(".corr_accum") and bool(v.any())]
+    assert moved  # the accumulators really moved
+
+
+def test_nan_loss_stops_with_one_sentence_and_keeps_good_checkpoint(cli, monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path, token_cache: Path) -> None:
+    from ternkit.train.module import TernkitLM
+
+    monkeypatch.chdir(tmp_path)
+    orig = TernkitLM._losses
+
+    def poisoned(self, batch):  # type: ignore[no-untyped-def]
+        ce, aux, ntok = orig(self, batch)
+        return (ce * float("nan"), aux, ntok) if self.global_step >= 3 else (ce, aux, ntok)
+
+    monkeypatch.setattr(TernkitLM, "_losses", poisoned)
+    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 8)
+              + sets("name=nan", "checkpoint.every_steps=1"))
+    msg = assert_one_sentence_error(res)
+    assert "nan" in msg and "step 3" in msg and "last.ckpt" in msg
+    ckpt = torch.load(tmp_path / "runs" / "nan" / "last.ckpt", map_location="cpu", weights_only=True)
+    # Three good optimizer steps (0, 1, 2) completed; the NaN forward at step 3 never reached the weights.
+    assert ckpt["global_step"] == 3
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
+    from ternkit.export import load_model
+
+    model, info = load_model(tmp_path / "runs" / "nan" / "last.ckpt")
+    assert info["global_step"] == 3
+    assert bool(torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all())
+
+
+def test_schedule_kinds_and_two_stage_point() -> None:
+    from ternkit.train.optim import lr_factor, weight_decay_factor
+
+    # warmup 10 -> 1.0 at step 9; halfway through the decay: cosine and linear both at the mean of 1 and 0.1.
+    assert lr_factor(9, 110, 10) == pytest.approx(1.0)
+    assert lr_factor(60, 110, 10, "cosine") == pytest.approx(0.55)
+    assert lr_factor(60, 110, 10, "linear") == pytest.approx(0.55)
+    assert lr_factor(35, 110, 10, "linear") == pytest.approx(0.1 + 0.9 * 0.75)
+    assert lr_factor(35, 110, 10, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(110, 110, 10, "linear") == pytest.approx(0.1)
+    # BitNet two-stage at 70%: LR halves and weight decay switches off at step 70, not at the midpoint.
+    assert lr_factor(69, 100, 0, "constant", two_stage=True, two_stage_at=0.7) == 1.0
+    assert lr_factor(70, 100, 0, "constant", two_stage=True, two_stage_at=0.7) == 0.5
+    assert lr_factor(70, 100, 0, "cosine", two_stage=True, two_stage_at=0.7) == pytest.approx(0.5)
+    assert weight_decay_factor(69, 100, True, 0.7) == 1.0 and weight_decay_factor(70, 100, True, 0.7) == 0.0
+    assert weight_decay_factor(99, 100, False, 0.7) == 1.0
