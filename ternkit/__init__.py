@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+# OpenMP threads that spin while waiting for work make torch 5-10x slower whenever another
+# process shares the cores (measured on a 2-core box: 0.33 s vs 4.6 s per training step).
+# Passive waiting costs nothing measurable when the cores are free. It must be set before
+# torch loads its OpenMP runtime; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if TYPE_CHECKING:
     import torch
 

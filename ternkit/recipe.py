@@ -105,6 +105,8 @@ class ModelConfig(_Section):
     gate_mode: Literal["sigmoid", "ternary"] = "sigmoid"
     memory_backend: Literal["dense", "stc_sparse"] = "dense"
     target_sparsity: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of zero trits the STC memory aims at")
+    forget_bias_init: tuple[float, float] = Field(
+        (3.0, 6.0), description="(start, end) of the forget-gate bias linspace over heads; ~0.5 for a ternary gate to learn")
     ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])
     ffn: FfnKind | list[FfnKind] = Field("none", description="one kind for every block, or one per block")
     ffn_factor: float = Field(2.667, gt=0.0)
@@ -271,7 +273,7 @@ class QuantConfig(_Section):
 
     scale: Literal["absmean", "per_row", "lsq", "group"] = "absmean"
     act_bits: Literal[8] | None = None
-    group_size: int = Field(128, ge=1, description="weights per scale for scale=group")
+    group_size: int = Field(32, ge=1, description="input columns per scale group for scale=group")
 
 
 class LoggingConfig(_Section):

@@ -214,16 +214,34 @@ def test_token_dataset_windows_and_step_batches() -> None:
 def test_parity_targets() -> None:
     x, y, m = parity_examples(256, 1, 16, seed=3)
     assert x.shape == y.shape == m.shape == (256, 17)
-    assert torch.equal(m.sum(1), torch.ones(256, dtype=torch.long))
+    assert (x[:, 0] == D.PARITY_BOS).all() and (y[:, 0] == 0).all() and m[:, 0].all()
     for i in range(256):
-        t = int(m[i].nonzero())
-        bits = x[i, :t]
-        assert 1 <= t <= 16 and set(bits.tolist()) <= {0, 1}
-        assert x[i, t] == D.PARITY_SEP and int(y[i, t]) == int(bits.sum()) % 2
+        n = int(m[i].sum()) - 1  # supervised: BOS and every bit, never the padding
+        bits = x[i, 1 : n + 1]
+        assert 1 <= n <= 16 and set(bits.tolist()) <= {0, 1}
+        assert (x[i, n + 1 :] == D.PARITY_PAD).all() and not m[i, n + 1 :].any()
+        running = [sum(bits[: t + 1].tolist()) % 2 for t in range(n)]
+        assert y[i, 1 : n + 1].tolist() == running
     assert torch.equal(x, parity_examples(256, 1, 16, seed=3)[0])
-    assert 0.3 < y[m].float().mean() < 0.7  # both answers occur
-    xe, ye, me = parity_examples(8, 64, 64, seed=0)
-    assert xe.shape == (8, 65) and (me.nonzero()[:, 1] == 64).all()
+    assert 0.3 < y[:, 1:][m[:, 1:]].float().mean() < 0.7  # both parities occur
+    assert len(set(m.sum(1).tolist())) > 8  # lengths vary over 1..16
+    masked = D.mask_targets(y, m)
+    assert ((masked == IGNORE_INDEX) == (x == D.PARITY_PAD)).all()
+
+
+def test_parity_fixed_length_and_last_only() -> None:
+    x, y, m = parity_examples(32, 16, 16, seed=1)
+    assert x.shape == (32, 17) and m.all() and not (x == D.PARITY_PAD).any()
+    assert torch.equal(y[:, 1:], torch.cumsum(x[:, 1:], dim=1) % 2)
+    xe, ye, me = parity_examples(64, 64, 64, seed=0, last_only=True)
+    assert xe.shape == (64, 65) and (me.nonzero()[:, 1] == 64).all() and torch.equal(me.sum(1), torch.ones(64).long())
+    assert torch.equal(ye[:, -1], xe[:, 1:].sum(1) % 2)  # the one target is the whole string's parity
+    xv, yv, mv = parity_examples(64, 3, 9, seed=2, seq_len=12, last_only=True)
+    lengths = (xv[:, 1:] != D.PARITY_PAD).sum(1)
+    assert xv.shape == (64, 12) and torch.equal(mv.nonzero()[:, 1], lengths)
+    assert torch.equal(yv[mv], (xv[:, 1:] * (xv[:, 1:] < 2)).sum(1) % 2)
+    with pytest.raises(ValueError, match="too short"):
+        parity_examples(2, 1, 8, seed=0, seq_len=8)
 
 
 def test_mqar_targets() -> None:
@@ -262,9 +280,10 @@ def test_datamodule_text_and_synthetic(tmp_path: Path) -> None:
     dm.setup()
     assert dm.vocab_size == D.PARITY_VOCAB and dm.tokenizer is None
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (8, 17) and ((y != IGNORE_INDEX).sum(1) == 1).all()
+    assert x.shape == (8, 17) and torch.equal((y != IGNORE_INDEX), x != D.PARITY_PAD)  # every real position
     vx, vy = next(iter(dm.val_dataloader()))
-    assert vx.shape == (8, 65)
+    assert vx.shape == (8, 65) and ((vy != IGNORE_INDEX).sum(1) == 1).all()  # val scores whole-string parity
+    assert torch.equal(vy[:, -1], vx[:, 1:].sum(1) % 2)
     q = recipe_from_dict({"data": {"source": "mqar"}, "trainer": {"batch_size": 8}, "model": {"vocab_size": 100}})
     with pytest.raises(TernkitError, match="model.vocab_size"):
         TernkitDataModule(q, tmp_path / "qrun").setup()

@@ -28,7 +28,8 @@ def _cfg(**kw: object) -> XLSTMLMConfig:
 
 def test_config_round_trip_json() -> None:
     cfg = _cfg(ffn=["dense", "moe"], moe={"experts": 4, "top_k": 2, "hidden": 16}, ternary={"up": True, "qkv": True,
-               "head": True, "down": False}, gate_mode="ternary", memory_backend="stc_sparse", act_bits=8)
+               "head": True, "down": False}, gate_mode="ternary", memory_backend="stc_sparse", act_bits=8,
+               ternary_scale="group", ternary_group_size=8, forget_bias_init=(0.5, 0.5))
     d = json.loads(json.dumps(cfg.to_dict()))
     assert XLSTMLMConfig.from_dict(d) == cfg
     assert cfg.ternary == ("up", "qkv", "head")
@@ -36,6 +37,9 @@ def test_config_round_trip_json() -> None:
     lc = cfg.layer_config()
     assert MLSTMLayerConfig.from_dict(lc.to_dict()) == lc
     assert lc.ternary == ("up", "qkv") and lc.inner_dim == 64 and lc.head_dim == 32
+    assert (lc.ternary_group_size, lc.forget_bias_init) == (8, (0.5, 0.5))
+    d.pop("ternary_group_size")  # configs saved before the key existed still load, with the default
+    assert XLSTMLMConfig.from_dict(d).ternary_group_size == 32
 
 
 def test_config_errors_name_the_key() -> None:
@@ -84,6 +88,19 @@ def test_ternary_projections_are_ternary_linear() -> None:
     assert isinstance(layer.igate, torch.nn.Linear) and not isinstance(layer.igate, TernaryLinear)
     m2 = XLSTMLM(_cfg(ffn="ternary"))
     assert isinstance(m2.blocks[1].ffn.w2, TernaryLinear)
+
+
+def test_group_scale_layers_take_the_configured_group_size() -> None:
+    from ternkit.quant.group import GroupTernaryLinear
+
+    cfg = _cfg(ternary=("up", "qkv", "down", "ffn", "head"), ternary_scale="group", ternary_group_size=8,
+               ffn="dense")
+    m = XLSTMLM(cfg)
+    groups = [mod for mod in m.modules() if isinstance(mod, GroupTernaryLinear)]
+    assert len(groups) == cfg.n_blocks * 7 + 1 and {g.group_size for g in groups} == {8}
+    assert XLSTMLM(_cfg(ternary=("up",), ternary_scale="group")).blocks[0].mlstm.proj_up.group_size == 32
+    with pytest.raises(TernkitError, match="ternary_group_size"):
+        _cfg(ternary_group_size=0)
 
 
 def test_tied_embeddings_share_weight_and_count_once() -> None:

@@ -85,6 +85,13 @@ def test_config_roundtrip_and_errors() -> None:
         MoEConfig(balancing="sinkhorn")
     with pytest.raises(TernkitError, match="capacity_factor"):
         MoEConfig(capacity_factor=-1.0)
+    with pytest.raises(TernkitError, match="ternary_group_size"):
+        MoEConfig(ternary_group_size=0)
+    g = MoEConfig(experts=2, top_k=1, hidden=24, ternary_scale="group", ternary_group_size=8)
+    assert MoEConfig.from_dict(g.to_dict()) == g and MoEConfig().ternary_group_size == 32
+    experts = MoEFFN(16, g)
+    assert {(type(lin).__name__, lin.group_size, lin.n_groups) for lin in experts.modules() if hasattr(lin, "n_groups")} \
+        == {("GroupTernaryLinear", 8, 2), ("GroupTernaryLinear", 8, 3)}  # w1/w3 read 16 columns, w2 reads 24
     m = MoEFFN(8, MoEConfig(experts=4, top_k=2, hidden=8))
     with pytest.raises(TernkitError, match="mask"):
         m(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))

@@ -51,6 +51,11 @@ def test_shipped_recipes_are_the_repo_files_and_have_the_right_shape() -> None:
     assert (dense.model.d_model, dense.model.n_blocks) == (stc.model.d_model, stc.model.n_blocks)
     assert not any(dense.model.is_ternary(p) for p in ("up", "qkv", "down", "ffn", "head"))
     assert (dense.model.gate_mode, dense.model.memory_backend) == ("sigmoid", "dense")
+    par = load_recipe("parity")  # the recipe form of ternkit/models/parity.py's experiment
+    assert (par.model.gate_mode, par.model.n_blocks, par.model.d_model, par.model.forget_bias_init) == \
+        ("ternary", 1, 32, (0.5, 0.5))
+    assert par.data.parity.eval_len > par.data.parity.train_len_max
+    assert stc.model.forget_bias_init == (3.0, 6.0)  # xLSTM's default when a recipe does not say
 
 
 def test_path_from_repo_root_and_name_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,9 +114,16 @@ def test_defaults_name_and_int_precision(tmp_path: Path) -> None:
     assert "seed: 1234" in r.to_yaml() and r.to_dict()["optimizer"]["betas"] == [0.9, 0.95]
 
 
+def test_forget_bias_init_override_and_shape() -> None:
+    r = load_recipe("parity", ["model.forget_bias_init=[1.0, 2.5]"])
+    assert r.model.forget_bias_init == (1.0, 2.5)
+    assert "model.forget_bias_init" in _err(recipe_from_dict, {"model": {"forget_bias_init": [0.5]}})
+
+
 def test_set_overrides_are_typed() -> None:
     r = load_recipe("mlstm_stc", ["trainer.max_steps=200", "optimizer.lr=3e-4", "model.tie_embeddings=false",
-                                  "model.ffn=[dense, moe, ternary]", "model.moe.experts=8", "data.cache_dir=/tmp/c"])
+                                  "model.n_blocks=3", "model.ffn=[dense, moe, ternary]", "model.moe.experts=8",
+                                  "data.cache_dir=/tmp/c"])
     assert r.trainer.max_steps == 200 and isinstance(r.trainer.max_steps, int)
     assert r.optimizer.lr == pytest.approx(3e-4)
     assert r.model.tie_embeddings is False

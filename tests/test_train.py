@@ -87,12 +87,55 @@ TOY_RECIPES = {
     "mlstm_stc": [],
     "xlstm_dense": [],
     "moe_ternary": sets("model.moe.experts=4", "model.moe.top_k=2", "model.moe.hidden=16"),
-    "parity": sets("model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "data.parity.train_len_max=8",
+    "parity": sets("model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "data.parity.train_len_min=4",
+                   "data.parity.train_len_max=8",
                    "data.parity.eval_len=16", "data.parity.num_val=8", "trainer.batch_size=4"),
     "mqar": sets("model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "model.context_length=32",
                  "data.mqar.vocab_size=32", "data.mqar.seq_len=32", "data.mqar.num_kv_pairs=4",
                  "data.mqar.num_val=8", "trainer.batch_size=4"),
 }
+
+
+def test_recipe_quant_group_size_and_forget_bias_reach_the_model() -> None:
+    from ternkit.models.config import XLSTMLMConfig
+    from ternkit.models.lm import XLSTMLM
+    from ternkit.quant.group import GroupTernaryLinear
+    from ternkit.recipe import recipe_from_dict
+    from ternkit.train.run import model_config_from_recipe
+
+    r = recipe_from_dict({"model": {"d_model": 32, "n_blocks": 2, "n_heads": 2, "ternary_projections": "all",
+                                    "tie_embeddings": False, "ffn": ["ternary", "moe"], "forget_bias_init": [0.5, 1.5],
+                                    "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
+                          "quant": {"scale": "group", "group_size": 16}})
+    cfg = model_config_from_recipe(r, 64)
+    model = XLSTMLM(XLSTMLMConfig.from_dict(cfg))
+    groups = [m for m in model.modules() if isinstance(m, GroupTernaryLinear)]
+    # up, q, k, v, down per block (10), SwiGLU w13/w2 (2), 4 experts x w1/w3/w2 (12), head (1)
+    assert len(groups) == 25 and {m.group_size for m in groups} == {16}
+    assert all(m.n_groups == -(-m.in_features // 16) for m in groups)
+    assert XLSTMLMConfig.from_dict(json.loads(json.dumps(cfg))).ternary_group_size == 16
+    for block in model.blocks:
+        assert torch.allclose(block.mlstm.fgate.bias, torch.tensor([0.5, 1.5]))
+    default = model_config_from_recipe(recipe_from_dict({}), 64)
+    assert default["forget_bias_init"] == [3.0, 6.0] and default["ternary_group_size"] == 128
+    old = {k: v for k, v in cfg.items() if k != "ternary_group_size"}  # a checkpoint written before the key
+    assert XLSTMLMConfig.from_dict(old).ternary_group_size == 32
+
+
+@pytest.mark.slow
+def test_shipped_parity_recipe_learns_and_length_generalizes(cli, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    quiet = sets("logging.tensorboard=false", "trainer.accelerator=cpu", "trainer.devices=1")
+    res = cli(["train", "parity", "--no-progress", "--json"] + quiet)
+    assert res.code == 0, res.text
+    ternary = json.loads((tmp_path / "runs" / "parity" / "summary.json").read_text())
+    assert ternary["val_acc"] >= 0.99  # whole-string parity at length 64 after training at length 16
+    res = cli(["train", "parity", "--no-progress", "--json"] + quiet
+              + sets("model.gate_mode=sigmoid", "checkpoint.dir=runs/sigmoid"))
+    assert res.code == 0, res.text
+    sigmoid = json.loads((tmp_path / "runs" / "sigmoid" / "summary.json").read_text())
+    assert sigmoid["val_acc"] < 0.6  # a gate in (0, 1) cannot carry parity: chance
 
 
 def test_recipes_list_matches_toy_table(cli) -> None:

@@ -105,7 +105,8 @@ class MLSTMLayerConfig(_DictMixin):
 
     ``inner = round(proj_factor * d_model)`` must divide by ``n_heads`` (memory heads) and by
     ``qkv_blocksize`` (block-diagonal q/k/v). ``ternary`` names the projections built as
-    TernaryLinear among "up", "qkv", "down"; gates and norms stay float.
+    TernaryLinear among "up", "qkv", "down"; gates and norms stay float. ``ternary_group_size``
+    is the number of weights per scale, used only with ``ternary_scale="group"``.
     ``forget_bias_init`` is the (start, end) of the forget-gate bias linspace over heads.
     """
 
@@ -122,6 +123,7 @@ class MLSTMLayerConfig(_DictMixin):
     target_sparsity: float = 0.75
     ternary: tuple[str, ...] = ()
     ternary_scale: str = "absmean"
+    ternary_group_size: int = 32
     act_bits: int | None = None
     bias: bool = False
     norm_eps: float = 1e-5
@@ -137,6 +139,8 @@ class MLSTMLayerConfig(_DictMixin):
         _check_choice("gate_mode", self.gate_mode, GATE_MODES)
         _check_choice("memory_backend", self.memory_backend, MEMORY_BACKENDS)
         _check_choice("ternary_scale", self.ternary_scale, _SCALES)
+        if int(self.ternary_group_size) < 1:
+            raise TernkitError(f"ternary_group_size must be a positive integer, got {self.ternary_group_size!r}; e.g. 32.")
         if self.act_bits not in (None, 8):
             raise TernkitError(f"act_bits must be null or 8, got {self.act_bits!r}.")
         if not 0.0 <= self.target_sparsity < 1.0:
@@ -170,7 +174,8 @@ class XLSTMLMConfig(_DictMixin):
     ``ffn`` is one kind for every block or a list with one kind per block, each of "none", "dense"
     (SwiGLU), "ternary" (SwiGLU of TernaryLinear) or "moe" (``moe`` holds the MoEConfig fields).
     ``ternary`` names the TernaryLinear projections among "up", "qkv", "down", "ffn", "head";
-    a dict {name: bool} or a list is accepted and stored as a tuple.
+    a dict {name: bool} or a list is accepted and stored as a tuple. ``ternary_group_size`` is the
+    number of weights per scale of every TernaryLinear, used only with ``ternary_scale="group"``.
     """
 
     _name: ClassVar[str] = "model config"
@@ -189,6 +194,7 @@ class XLSTMLMConfig(_DictMixin):
     target_sparsity: float = 0.75
     ternary: tuple[str, ...] = ()
     ternary_scale: str = "absmean"
+    ternary_group_size: int = 32
     act_bits: int | None = None
     ffn: str | tuple[str, ...] = "none"
     ffn_factor: float = 2.667
@@ -249,6 +255,7 @@ class XLSTMLMConfig(_DictMixin):
             qkv_blocksize=self.qkv_blocksize, chunk_size=self.chunk_size, gate_mode=self.gate_mode,
             memory_backend=self.memory_backend, target_sparsity=self.target_sparsity,
             ternary=tuple(n for n in self.ternary if n in _LAYER_PROJECTIONS), ternary_scale=self.ternary_scale,
-            act_bits=self.act_bits, bias=self.bias, norm_eps=self.norm_eps, dropout=self.dropout,
+            ternary_group_size=self.ternary_group_size, act_bits=self.act_bits, bias=self.bias,
+            norm_eps=self.norm_eps, dropout=self.dropout,
             forget_bias_init=self.forget_bias_init, n_blocks=self.n_blocks,
         )

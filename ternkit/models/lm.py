@@ -28,11 +28,12 @@ class SwiGLU(nn.Module):
     """SwiGLU FFN y (..., D) = W2 (SiLU(W1 x) * W3 x), hidden width round(ffn_factor * D); float or ternary."""
 
     def __init__(self, d_model: int, hidden: int, ternary: bool, scale: str = "absmean", act_bits: int | None = None,
-                 n_blocks: int = 1) -> None:
+                 n_blocks: int = 1, group_size: int = 32) -> None:
         super().__init__()
         self.hidden = hidden
-        self.w13 = make_linear(d_model, 2 * hidden, ternary, scale=scale, act_bits=act_bits)
-        self.w2 = make_linear(hidden, d_model, ternary, scale=scale, act_bits=act_bits)
+        lin = dict(scale=scale, act_bits=act_bits, group_size=group_size)
+        self.w13 = make_linear(d_model, 2 * hidden, ternary, **lin)  # type: ignore[arg-type]
+        self.w2 = make_linear(hidden, d_model, ternary, **lin)  # type: ignore[arg-type]
         if _has_latent_weight(self.w13):
             _small_init_(self.w13.weight, d_model)
         if _has_latent_weight(self.w2):
@@ -65,7 +66,7 @@ class XLSTMBlock(nn.Module):
             hidden = max(1, int(round(cfg.ffn_factor * cfg.d_model)))
             ternary = ffn_kind == "ternary" or "ffn" in cfg.ternary
             self.ffn = SwiGLU(cfg.d_model, hidden, ternary, scale=cfg.ternary_scale, act_bits=cfg.act_bits,
-                              n_blocks=cfg.n_blocks)
+                              n_blocks=cfg.n_blocks, group_size=cfg.ternary_group_size)
         self.ffn_dropout = nn.Dropout(cfg.dropout)
 
     def _ffn(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +111,7 @@ class XLSTMLM(nn.Module):
             self.head: nn.Module | None = None
         else:
             self.head = make_linear(cfg.d_model, cfg.vocab_size, "head" in cfg.ternary, scale=cfg.ternary_scale,
-                                    act_bits=cfg.act_bits)
+                                    act_bits=cfg.act_bits, group_size=cfg.ternary_group_size)
             if _has_latent_weight(self.head):
                 _small_init_(self.head.weight, cfg.d_model)
 

@@ -37,10 +37,14 @@ def _has_latent_weight(mod: nn.Module) -> bool:
 
 
 def make_linear(in_features: int, out_features: int, ternary: bool, bias: bool = False, scale: str = "absmean",
-                act_bits: int | None = None) -> nn.Module:
-    """nn.Linear (in -> out), or TernaryLinear with the given scale and activation bits when ``ternary``."""
+                act_bits: int | None = None, group_size: int = 32) -> nn.Module:
+    """nn.Linear (in -> out), or TernaryLinear with the given scale and activation bits when ``ternary``.
+
+    ``group_size`` (weights per scale) only matters for ``scale="group"``.
+    """
     if ternary:
-        return TernaryLinear(in_features, out_features, bias=bias, scale=scale, act_bits=act_bits)  # type: ignore[arg-type]
+        return TernaryLinear(in_features, out_features, bias=bias, scale=scale, act_bits=act_bits,  # type: ignore[arg-type]
+                             group_size=group_size)
     return nn.Linear(in_features, out_features, bias=bias)
 
 
@@ -140,7 +144,7 @@ class MLSTMLayer(nn.Module):
         self.num_heads = nh
         self.head_dim = cfg.head_dim
         tern = set(cfg.ternary)
-        lin = dict(bias=cfg.bias, scale=cfg.ternary_scale, act_bits=cfg.act_bits)
+        lin = dict(bias=cfg.bias, scale=cfg.ternary_scale, act_bits=cfg.act_bits, group_size=cfg.ternary_group_size)
         self.proj_up = make_linear(d, 2 * inner, "up" in tern, **lin)  # type: ignore[arg-type]
         self.conv = CausalConv1d(inner, cfg.conv_kernel)
         if "qkv" in tern:

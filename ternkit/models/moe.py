@@ -40,6 +40,7 @@ class MoEConfig:
     ``"aux_free"`` (DeepSeek-V3 balances with the bias alone; set a small weight to add its
     complementary loss). ``capacity_factor`` 0 means dropless. ``jitter`` is the Switch
     multiplicative noise eps on the router input (training only): x * U(1 - eps, 1 + eps).
+    ``ternary_group_size`` (weights per scale) is used only with ``ternary_scale="group"``.
     """
 
     experts: int = 12
@@ -56,6 +57,7 @@ class MoEConfig:
     ternary: bool = True
     ternary_scale: str = "absmean"
     act_bits: int | None = None
+    ternary_group_size: int = 32
 
     def __post_init__(self) -> None:
         if self.experts < 1:
@@ -74,6 +76,8 @@ class MoEConfig:
             raise TernkitError(f"unknown moe ternary_scale {self.ternary_scale!r}; use one of {', '.join(SCALES)}.")
         if self.act_bits not in (None, 8):
             raise TernkitError(f"moe act_bits must be None or 8, got {self.act_bits!r}.")
+        if int(self.ternary_group_size) < 1:
+            raise TernkitError(f"moe ternary_group_size must be >= 1, got {self.ternary_group_size!r}; use e.g. 32.")
         if self.aux_loss_weight is None:
             self.aux_loss_weight = 0.01 if self.balancing == "aux_loss" else 0.0
         if self.aux_loss_weight < 0 or self.z_loss_weight < 0 or self.bias_update_rate < 0:
@@ -96,7 +100,7 @@ class MoEConfig:
 def _make_linear(d_in: int, d_out: int, cfg: MoEConfig) -> nn.Module:
     if cfg.ternary:
         return TernaryLinear(d_in, d_out, bias=False, scale=cfg.ternary_scale,  # type: ignore[arg-type]
-                             act_bits=cfg.act_bits)
+                             act_bits=cfg.act_bits, group_size=cfg.ternary_group_size)
     return nn.Linear(d_in, d_out, bias=False)
 
 

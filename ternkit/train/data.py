@@ -7,8 +7,8 @@ cached under ``data.cache_dir`` by a fingerprint of the inputs, so a second run 
 
 Sampling is a pure function of ``(seed, step)``: ``batch_indices`` gives the windows of global
 micro-batch ``step``, so a run resumed at step N sees exactly what an uninterrupted run would.
-Batches are ``(x, y)`` LongTensors of shape (B, T); positions that carry no loss (the synthetic
-tasks' non-answer tokens) hold ``IGNORE_INDEX`` in ``y``.
+Batches are ``(x, y)`` LongTensors of shape (B, T); positions that carry no loss (padding, MQAR's
+non-query tokens, every parity position but the last in validation) hold ``IGNORE_INDEX`` in ``y``.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ __all__ = [
 
 IGNORE_INDEX = -100
 _CACHE_VERSION = 1
-# Parity task ids: bits are 0 and 1, then a separator before the answer, then padding.
-PARITY_ZERO, PARITY_ONE, PARITY_SEP, PARITY_PAD = 0, 1, 2, 3
+# Parity task ids: bits are 0 and 1 (also the parity classes), BOS opens every string, padding fills short ones.
+PARITY_ZERO, PARITY_ONE, PARITY_BOS, PARITY_PAD = 0, 1, 2, 3
 PARITY_VOCAB = 4
 # Documents are split by a hash of their index salted with this constant, not with the training seed,
 # so val loss stays comparable across seeds.
@@ -540,32 +540,38 @@ def _generator(seed: int | torch.Generator) -> torch.Generator:
     return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
 
 
-def parity_examples(n: int, min_len: int, max_len: int, seed: int | torch.Generator, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Parity examples: x, y (n, seq_len) int64 and loss_mask (n, seq_len) bool.
+def parity_examples(n: int, min_len: int, max_len: int, seed: int | torch.Generator, seq_len: int | None = None,
+                    last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Running-parity examples: x, y (n, seq_len) int64 and loss_mask (n, seq_len) bool.
 
-    Each row is L random bits (ids 0/1, L uniform in [min_len, max_len]), the separator id 2,
-    the answer (the parity as id 0/1), then padding id 3; x is that row without its last token and
-    y the row shifted by one. The only supervised position is the separator's: y = parity of the bits.
-    ``seq_len`` defaults to ``max_len + 1``.
+    Each row of x is BOS (id 2), then L random bits (ids 0/1, L uniform in [min_len, max_len]),
+    then padding id 3 up to ``seq_len`` (default ``max_len + 1``). y[t] is the parity (id 0/1) of the
+    bits in x[1..t], so y is 0 at BOS; the model must carry the parity along the whole string, as in
+    :mod:`ternkit.models.parity`. The mask supervises BOS and every bit position and never the padding;
+    with ``last_only`` it supervises only each row's last bit, whose target is the parity of the whole
+    string (the length-generalisation score when used for validation).
     """
     g = _generator(seed)
     seq_len = max_len + 1 if seq_len is None else seq_len
     if seq_len < max_len + 1:
-        raise ValueError(f"seq_len {seq_len} is too short for {max_len} bits plus a separator")
+        raise ValueError(f"seq_len {seq_len} is too short for BOS plus {max_len} bits")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"parity lengths need 1 <= min_len <= max_len, got {min_len}..{max_len}")
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
-    bits = torch.randint(0, 2, (n, seq_len + 1), generator=g)
-    pos = torch.arange(seq_len + 1)
-    in_bits = pos[None, :] < lengths[:, None]
-    bits = torch.where(in_bits, bits, torch.zeros_like(bits))
-    answer = bits.sum(dim=1) % 2
-    row = torch.where(in_bits, bits, torch.full_like(bits, PARITY_PAD))
-    rows = torch.arange(n)
-    row[rows, lengths] = PARITY_SEP
-    row[rows, lengths + 1] = answer
-    x, y = row[:, :-1].contiguous(), row[:, 1:].contiguous()
-    mask = torch.zeros(n, seq_len, dtype=torch.bool)
-    mask[rows, lengths] = True
-    return x, y, mask
+    bits = torch.randint(0, 2, (n, seq_len), generator=g)
+    pos = torch.arange(seq_len)
+    # Position t >= 1 holds bit t-1; a row of length L has its bits at positions 1..L.
+    real = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])
+    bits = torch.where(real, bits, torch.zeros_like(bits))
+    x = torch.where(real, bits, torch.full_like(bits, PARITY_PAD))
+    x[:, 0] = PARITY_BOS
+    y = torch.cumsum(bits, dim=1) % 2
+    if last_only:
+        mask = pos[None, :] == lengths[:, None]
+    else:
+        mask = pos[None, :] <= lengths[:, None]
+    y = torch.where(mask, y, torch.zeros_like(y))
+    return x.contiguous(), y.contiguous(), mask
 
 
 def mqar_examples(n: int, vocab_size: int, seq_len: int, num_kv_pairs: int, seed: int | torch.Generator,
@@ -685,8 +691,9 @@ class TernkitDataModule(_DMBase):  # type: ignore[misc, valid-type]
         if cfg.synthetic:
             if cfg.source == "parity":
                 self._synthetic_vocab = PARITY_VOCAB
+                # Only the last position is scored, so val/acc is the parity of whole eval_len strings.
                 x, y, m = parity_examples(cfg.parity.num_val, cfg.parity.eval_len, cfg.parity.eval_len,
-                                          _hash_int(r.seed, "val", "parity"))
+                                          _hash_int(r.seed, "val", "parity"), last_only=True)
             else:
                 mq = cfg.mqar
                 self._synthetic_vocab = mq.vocab_size

@@ -32,6 +32,7 @@ def model_config_from_recipe(recipe: Any, vocab_size: int) -> dict[str, Any]:
             md["hidden"] = max(1, int(round(m.ffn_factor * m.d_model / md["top_k"])))
         md["ternary"] = "ffn" in ternary
         md["ternary_scale"] = q.scale
+        md["ternary_group_size"] = q.group_size
         md["act_bits"] = q.act_bits
         moe = md
     if m.tie_embeddings and "head" in ternary:
@@ -41,9 +42,9 @@ def model_config_from_recipe(recipe: Any, vocab_size: int) -> dict[str, Any]:
         "n_heads": m.n_heads, "context_length": m.context_length, "proj_factor": m.proj_factor,
         "conv_kernel": m.conv_kernel, "qkv_blocksize": m.qkv_blocksize, "chunk_size": m.chunk_size,
         "gate_mode": m.gate_mode, "memory_backend": m.memory_backend, "target_sparsity": m.target_sparsity,
-        "ternary": ternary, "ternary_scale": q.scale, "act_bits": q.act_bits,
+        "ternary": ternary, "ternary_scale": q.scale, "ternary_group_size": q.group_size, "act_bits": q.act_bits,
         "ffn": m.ffn if isinstance(m.ffn, str) else list(m.ffn), "ffn_factor": m.ffn_factor, "moe": moe,
-        "tie_embeddings": m.tie_embeddings,
+        "tie_embeddings": m.tie_embeddings, "forget_bias_init": [float(v) for v in m.forget_bias_init],
     }
 
 
