@@ -117,7 +117,7 @@ def test_recipe_quant_group_size_and_forget_bias_reach_the_model() -> None:
     for block in model.blocks:
         assert torch.allclose(block.mlstm.fgate.bias, torch.tensor([0.5, 1.5]))
     default = model_config_from_recipe(recipe_from_dict({}), 64)
-    assert default["forget_bias_init"] == [3.0, 6.0] and default["ternary_group_size"] == 128
+    assert default["forget_bias_init"] == [3.0, 6.0] and default["ternary_group_size"] == 32
     old = {k: v for k, v in cfg.items() if k != "ternary_group_size"}  # a checkpoint written before the key
     assert XLSTMLMConfig.from_dict(old).ternary_group_size == 32
 

@@ -50,7 +50,7 @@ _DDP = {
     # STC thresholds + integer-state (group scale) layers on the parity task: no tokenizer, seconds.
     "parity_group": ["parity"] + sets(
         "quant.scale=group", "model.d_model=32", "model.n_heads=2", "model.n_blocks=1",
-        "data.parity.train_len_max=8", "data.parity.eval_len=16", "data.parity.num_val=8"),
+        "model.ternary_projections=[up,qkv,down]", "data.parity.train_len_min=4", "data.parity.train_len_max=8", "data.parity.eval_len=16", "data.parity.num_val=8"),
     # Ternary MoE with DeepSeek-style bias balancing: expert biases must move identically on both ranks.
     "moe_aux_free": ["moe_ternary"] + sets(
         "model.n_blocks=1", "model.d_model=32", "model.context_length=32", "data.max_chars=60000",

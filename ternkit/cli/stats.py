@@ -76,6 +76,11 @@ def stats_cmd(
         g = torch.Generator().manual_seed(0)
         probe = torch.randint(0, cfg.vocab_size, (4, min(cfg.context_length, 128)), generator=g)
         with torch.no_grad():
+            if stc:
+                # The skip fraction is a decoding figure: count the sparse writes of 32 greedy steps.
+                for block in getattr(model, "blocks", []):
+                    block.mlstm.reset_skip_stats()
+                model.generate(probe[:1, :16], 32)
             model(probe)
         if moe:
             out["moe"] = model.moe_stats()

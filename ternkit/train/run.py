@@ -186,6 +186,19 @@ def _restore_bytes(path: Path, data: bytes, times: tuple[int, int] | None = None
     os.replace(tmp, path)
 
 
+def _step_progress_bar() -> type:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepProgressBar(RichProgressBar):
+        """Rich progress bar labelled by optimizer steps: ternkit trains by max_steps over an endless stream,
+        so Lightning's "Epoch 0/-2" label means nothing."""
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "train"
+
+    return StepProgressBar
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -200,7 +213,7 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     path. ``dry_run`` builds data and model, counts parameters by kind and stops.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ternkit.export import load_checkpoint
     from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, ReplicaCheckCallback,
@@ -273,7 +286,7 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     if t.sample_every > 0 and dm.tokenizer is not None:
         callbacks.append(SampleCallback(t.sample_every, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed))
     if progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(_step_progress_bar()(leave=True))
     val_every = min(t.val_every, t.max_steps) * t.grad_accum
     trainer = L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
