@@ -568,7 +568,8 @@ def resolve_recipe(path_or_name: str | os.PathLike[str]) -> Path:
         return shipped[stem]
     close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else (
-        f"; shipped recipes: {', '.join(shipped)}" if shipped else "; no shipped recipes were found")
+        f"; pass a YAML path or one of the shipped recipes: {', '.join(shipped)}." if shipped
+        else "; pass the path of a recipe YAML file.")
     raise TernkitError(f"recipe '{text}' not found (neither a file nor a shipped recipe name){hint}")
 
 

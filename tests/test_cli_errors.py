@@ -39,8 +39,7 @@ def test_wrong_type_names_key_and_type(cli, in_tmp: Path) -> None:
 
 
 def test_missing_recipe_file(cli, in_tmp: Path) -> None:
-    # recipe.resolve_recipe's "shipped recipes: ..." variant lacks its final full stop (reported to its owner).
-    msg = assert_one_sentence_error(cli(["train", "no/such/recipe.yaml"]), full_stop=False)
+    msg = assert_one_sentence_error(cli(["train", "no/such/recipe.yaml"]))
     assert "no/such/recipe.yaml" in msg and "not found" in msg
     msg = assert_one_sentence_error(cli(["train", "mlstm_sct"]))
     assert "did you mean 'mlstm_stc'" in msg
