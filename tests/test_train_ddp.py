@@ -100,8 +100,8 @@ def test_ddp_replica_check_reports_diverged_thresholds(tmp_path: Path) -> None:
     script.write_text(_NO_TAU_SYNC)
     argv = ["train", "parity", "--no-progress"] + sets(
         "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
-        "model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "data.parity.train_len_max=8",
-        "data.parity.eval_len=16", "data.parity.num_val=8", "trainer.batch_size=4", "trainer.max_steps=2",
+        "model.d_model=32", "model.n_heads=2", "model.n_blocks=1", "model.memory_backend=stc_sparse",
+        "data.parity.train_len_min=4", "data.parity.train_len_max=8", "data.parity.eval_len=16", "data.parity.num_val=8", "trainer.batch_size=4", "trainer.max_steps=2",
         "trainer.val_every=2", "trainer.val_batches=1", "schedule.warmup_steps=1", "logging.tensorboard=false",
         "checkpoint.every_steps=0")
     res = run_cli_subprocess(argv, cwd=tmp_path, timeout=300, script=str(script),
