@@ -710,7 +710,8 @@ class TernkitDataModule(_DMBase):  # type: ignore[misc, valid-type]
             # Evenly spread fixed windows: the same val batches every evaluation and every run.
             self.val_set = Subset(val, np.linspace(0, len(val) - 1, n).round().astype(int).tolist())
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self._rank_world()[0] == 0:
+            # A run folder keeps the tokenizer it was trained with; the run decides whether a different one may replace it.
+            if self._rank_world()[0] == 0 and not (self.run_dir / "tokenizer.json").exists():
                 self.tokenizer.save(self.run_dir)
         if r.model.vocab_size is not None and r.model.vocab_size < self.vocab_size:
             raise TernkitError(

@@ -177,13 +177,12 @@ def _merged_metrics(path: Path, old_rows: list[dict[str, str]], resume_step: int
             os.replace(tmp, path)
 
 
-def _restore_bytes(path: Path, data: bytes, times: tuple[int, int] | None = None) -> None:
-    """Put ``data`` (and its old atime/mtime in ns) back at ``path`` atomically."""
-    tmp = path.with_name(f".{path.name}.restore.tmp")
-    tmp.write_bytes(data)
-    if times is not None:
-        os.utime(tmp, ns=times)
-    os.replace(tmp, path)
+def _tokenizer_bytes(tok: Any) -> bytes:
+    """The tokenizer.json that ``tok.save`` writes, as bytes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return tok.save(d).read_bytes()
 
 
 def _step_progress_bar() -> type:
@@ -231,20 +230,14 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     if ckpt_path is not None:
         ckpt_cfg = load_checkpoint(ckpt_path)["ternkit"]["model_config"]
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    # Building the data writes tokenizer.json into the run folder; keep the run's own copy to put back
-    # if this recipe's tokenizer turns out not to be the one the run was trained with.
     tok_file = run_dir / "tokenizer.json"
-    old_tok = tok_file.read_bytes() if tok_file.is_file() else None
-    old_tok_times = (tok_file.stat().st_atime_ns, tok_file.stat().st_mtime_ns) if old_tok is not None else None
+    had_tok = tok_file.is_file()
     dm = TernkitDataModule(recipe, run_dir)
-    dm.setup()
+    dm.setup()  # writes tokenizer.json only into a run folder that has none
     cfg = model_config_from_recipe(recipe, dm.vocab_size)
-    new_tok = tok_file.read_bytes() if tok_file.is_file() else None
-    tok_changed = old_tok is not None and new_tok != old_tok
-    if old_tok is not None and (ckpt_path is not None or dry_run) and (tok_changed or new_tok is None):
-        _restore_bytes(tok_file, old_tok, old_tok_times)
-    elif old_tok is not None and not tok_changed and old_tok_times is not None:
-        os.utime(tok_file, ns=old_tok_times)  # rewritten with the same bytes: keep the run's file as it was
+    tok_changed = had_tok and dm.tokenizer is not None and tok_file.read_bytes() != _tokenizer_bytes(dm.tokenizer)
+    if tok_changed and ckpt_path is None and not dry_run:
+        dm.tokenizer.save(run_dir)  # a new run in a folder left by an earlier attempt: this recipe's tokenizer wins
     if ckpt_cfg is not None and ckpt_cfg.get("vocab_size") != cfg["vocab_size"]:
         raise TernkitError(f"the checkpoint's vocabulary ({ckpt_cfg.get('vocab_size')}) does not match this recipe's "
                            f"tokenizer ({cfg['vocab_size']}); resume with the tokenizer the run was trained with.")
