@@ -21,17 +21,16 @@ __all__ = ["IntegerStateCallback", "TelemetryCallback", "AtomicCheckpointIO", "R
 def step_integer_state(model: nn.Module) -> dict[str, int]:
     """Once per optimizer step: apply integer-state layer updates, MoE bias updates, sync STC thresholds.
 
-    Each piece all-reduces across DDP ranks inside its own method, so every replica ends the step
-    with identical integers, biases and thresholds. Returns how many modules of each kind moved.
+    Each owner reduces across DDP ranks itself (the integer layers in one batched all-reduce per
+    device), so every replica ends the step with identical integers, biases and thresholds.
+    Returns how many modules of each kind moved.
     """
-    counts = {"integer_layers": 0, "moe_biases": 0, "stc_thresholds": 0}
+    from ternkit.models.moe import update_moe_biases
+    from ternkit.quant.group import apply_integer_updates
+
+    counts = {"integer_layers": apply_integer_updates(model), "moe_biases": update_moe_biases(model),
+              "stc_thresholds": 0}
     for mod in model.modules():
-        if callable(getattr(mod, "apply_update", None)):
-            mod.apply_update()
-            counts["integer_layers"] += 1
-        if callable(getattr(mod, "update_bias", None)):
-            mod.update_bias()
-            counts["moe_biases"] += 1
         if callable(getattr(mod, "sync_", None)):
             mod.sync_()
             counts["stc_thresholds"] += 1
