@@ -11,8 +11,8 @@ from ternkit.ops.stc import stc_quantize
 
 __all__ = ["STCQuantizer"]
 
-# torch.quantile sorts its input; beyond this many entries per head a strided subsample is
-# statistically as good and keeps the update cheap (and under quantile's input size limit).
+# Beyond this many entries per head a strided subsample is statistically as good and keeps the
+# threshold update cheap.
 _MAX_QUANTILE_SAMPLES = 1 << 16
 
 
@@ -58,7 +58,15 @@ class STCQuantizer(nn.Module):
         if n > _MAX_QUANTILE_SAMPLES:
             step = -(-n // _MAX_QUANTILE_SAMPLES)
             a = a[:, ::step]
-        return torch.quantile(a, self.target_sparsity, dim=1)
+        # Quantile by selection (O(n)) instead of torch.quantile's full sort, which was a fifth of a
+        # main-job training step. The threshold sits halfway between two neighbouring order
+        # statistics, never on a data value: an entry exactly at tau would flip between kept and
+        # zeroed on 1-ulp differences between the parallel and the step-by-step forms.
+        k = int(self.target_sparsity * (a.shape[1] - 1)) + 1
+        lo = a.kthvalue(k, dim=1).values
+        if k >= a.shape[1]:
+            return lo
+        return 0.5 * (lo + a.kthvalue(k + 1, dim=1).values)
 
     @torch.no_grad()
     def update_tau_(self, x: torch.Tensor) -> None:
