@@ -46,6 +46,28 @@ def deadzone_report(model: Any, band: float) -> dict[str, Any]:
     return {"band": band, "layers": layers, "totals": totals}
 
 
+def _probe_batch(model: Any, src: Path, info: dict[str, Any]) -> tuple[Any, str]:
+    """A fixed (4, T) probe: real text (stdlib's textwrap.py) through the model's tokenizer when it has one,
+    else seeded random tokens (synthetic-task models have no tokenizer). Returns (tokens, description)."""
+    import sysconfig
+
+    import torch
+
+    from ternkit.export import find_tokenizer
+    from ternkit.train.tokenizer import load_tokenizer
+
+    cfg = model.config
+    t = min(cfg.context_length, 128)
+    tok_path = src / "tokenizer.json" if info["kind"] == "export" else find_tokenizer(src, info.get("run_info", {}))
+    text_file = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+    if tok_path is not None and tok_path.exists() and text_file.exists():
+        ids = load_tokenizer(tok_path).encode(text_file.read_text(errors="replace"))
+        if len(ids) >= 4 * t and max(ids) < cfg.vocab_size:
+            return torch.tensor(ids[: 4 * t]).view(4, t), "text (stdlib textwrap.py)"
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (4, t), generator=g), "random tokens"
+
+
 @app.command("stats")
 @user_errors
 def stats_cmd(
@@ -71,10 +93,9 @@ def stats_cmd(
     if deadzone:
         out["deadzone"] = deadzone_report(model, band)
     if moe or stc:
-        # Loads and zero fractions are properties of a forward pass: run one on a fixed random probe batch.
-        cfg = model.config
-        g = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, cfg.vocab_size, (4, min(cfg.context_length, 128)), generator=g)
+        # Loads and zero fractions are properties of a forward pass: run one on a fixed probe batch.
+        probe, probe_kind = _probe_batch(model, ckpt, info)
+        out["probe"] = probe_kind
         with torch.no_grad():
             if stc:
                 # The skip fraction is a decoding figure: count the sparse writes of 32 greedy steps.
@@ -111,7 +132,7 @@ def stats_cmd(
                   _fmt(tot["frac_boundary"]), _fmt(tot["frac_zero_inner"]), style="bold")
         _print_table(t)
     if moe:
-        t = Table(title="MoE expert loads (probe batch)")
+        t = Table(title=f"MoE expert loads (probe: {out['probe']})")
         for col in ("block", "tokens per expert", "imbalance", "entropy", "dropped"):
             t.add_column(col)
         for d in out["moe"]:
@@ -119,7 +140,7 @@ def stats_cmd(
                       _fmt(d.get("load_imbalance")), _fmt(d.get("router_entropy")), _fmt(d.get("dropped_frac")))
         _print_table(t)
     if stc:
-        t = Table(title="STC memory (probe batch)")
+        t = Table(title=f"STC memory (probe: {out['probe']})")
         t.add_column("block")
         t.add_column("stats")
         for d in out["stc"]:
