@@ -234,3 +234,20 @@ def test_schedule_kinds_and_two_stage_point() -> None:
     assert lr_factor(70, 100, 0, "cosine", two_stage=True, two_stage_at=0.7) == pytest.approx(0.5)
     assert weight_decay_factor(69, 100, True, 0.7) == 1.0 and weight_decay_factor(70, 100, True, 0.7) == 0.0
     assert weight_decay_factor(99, 100, False, 0.7) == 1.0
+
+
+def test_parameter_counts_integer_state_is_persistent_integer_tensors() -> None:
+    from ternkit.models.config import XLSTMLMConfig
+    from ternkit.models.lm import XLSTMLM
+    from ternkit.train.run import parameter_counts
+
+    base = dict(vocab_size=32, d_model=32, n_blocks=1, n_heads=2, memory_backend="stc_sparse", ternary=["up", "down"])
+    latent = parameter_counts(XLSTMLM(XLSTMLMConfig(**base)))
+    assert latent["integer_state"] == 0  # STC's bool 'initialized' flags are not state worth counting
+    model = XLSTMLM(XLSTMLMConfig(**base, ternary_scale="group"))
+    counts = parameter_counts(model)
+    up, down = model.blocks[0].mlstm.proj_up, model.blocks[0].mlstm.proj_down
+    expected = sum(m.votes.numel() + m.packed_trits.numel() + m.exponent.numel() + m.corr_accum.numel() + 1
+                   for m in (up, down))
+    assert counts["integer_state"] == expected  # votes, packed trits, exponents, accumulators, step; no trit cache
+    assert counts["ternary"] == up.in_features * up.out_features + down.in_features * down.out_features

@@ -49,7 +49,8 @@ def model_config_from_recipe(recipe: Any, vocab_size: int) -> dict[str, Any]:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Weights by kind: ``ternary`` (latent or integer-state trits), ``float`` (everything else trainable), ``integer_state`` buffers."""
+    """Weights by kind: ``ternary`` (latent or integer-state trits), ``float`` (everything else trainable), and
+    ``integer_state``: the integer buffers (packed trits, exponents, accumulators, votes), flags excluded."""
     from ternkit.quant.linear import ternary_modules
 
     tern = 0
@@ -62,7 +63,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         else:
             tern += int(getattr(mod, "in_features", 0)) * int(getattr(mod, "out_features", 0))
     flt = sum(p.numel() for p in model.parameters() if id(p) not in tern_ids)
-    ints = sum(b.numel() for b in model.buffers() if not torch.is_floating_point(b))
+    # Persistent state only (state_dict): the unpacked trit cache of group layers is not state.
+    ints = sum(t.numel() for t in model.state_dict().values()
+               if not torch.is_floating_point(t) and t.dtype != torch.bool)
     return {"ternary": tern, "float": flt, "integer_state": ints}
 
 
