@@ -71,7 +71,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def find_tokenizer(ckpt_path: Path, run_info: dict[str, Any]) -> Path | None:
-    """The tokenizer.json that belongs to a checkpoint: in its run folder (from run_info or beside it)."""
+    """The tokenizer.json that belongs to a checkpoint (in its run folder, from run_info or beside it) or an export folder."""
+    if _is_export_dir(ckpt_path):
+        return ckpt_path / _TOKENIZER if (ckpt_path / _TOKENIZER).is_file() else None
     # Beside the checkpoint first: run_info's run_dir may be relative to another working directory.
     candidates = [ckpt_path.parent / _TOKENIZER]
     if run_info.get("run_dir"):
@@ -157,8 +159,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise TernkitError(f"export folder {out_dir} already exists and is not empty; pass --force to overwrite it or "
                            "choose another -o.")
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = ckpt["ternkit"]["model_config"]
+    cfg = model.config.to_dict()
     tok = find_tokenizer(ckpt_path, info.get("run_info", {}))
     if tok is not None:
         check_tokenizer_fits(tok, cfg["vocab_size"], f"the model in {ckpt_path}")

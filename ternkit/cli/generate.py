@@ -30,7 +30,7 @@ def generate_cmd(
     if max_new_tokens < 1:
         raise TernkitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     model, info = load_model(source)
-    tok_path = source / "tokenizer.json" if info["kind"] == "export" else find_tokenizer(source, info.get("run_info", {}))
+    tok_path = find_tokenizer(source, info.get("run_info", {}))
     if tok_path is None or not tok_path.exists():
         raise TernkitError(f"no tokenizer.json found for {source} (synthetic-task models have none); generate needs a "
                            "text model trained with a tokenizer.")

@@ -58,7 +58,7 @@ def _probe_batch(model: Any, src: Path, info: dict[str, Any]) -> tuple[Any, str]
 
     cfg = model.config
     t = min(cfg.context_length, 128)
-    tok_path = src / "tokenizer.json" if info["kind"] == "export" else find_tokenizer(src, info.get("run_info", {}))
+    tok_path = find_tokenizer(src, info.get("run_info", {}))
     text_file = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
     if tok_path is not None and tok_path.exists() and text_file.exists():
         ids = load_tokenizer(tok_path).encode(text_file.read_text(errors="replace"))

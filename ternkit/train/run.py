@@ -230,8 +230,10 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
         raise TernkitError(f"{run_dir} already holds a run (last.ckpt); pass --resume auto to continue it, or "
                            "--set name=<new name> to start another.")
     ckpt_cfg = None
+    ckpt_meta: dict[str, Any] = {}
     if ckpt_path is not None:
-        ckpt_cfg = load_checkpoint(ckpt_path)["ternkit"]["model_config"]
+        ckpt_meta = load_checkpoint(ckpt_path)
+        ckpt_cfg = ckpt_meta["ternkit"]["model_config"]
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     tok_file = run_dir / "tokenizer.json"
     had_tok = tok_file.is_file()
@@ -297,7 +299,7 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     # keeps the history before its resume point and appends the replayed steps after it.
     metrics_csv = run_dir / "logs" / "metrics.csv"
     old_metrics = _read_csv(metrics_csv) if ckpt_path is not None else []
-    resume_step = int(load_checkpoint(ckpt_path).get("global_step", 0)) if ckpt_path is not None else 0
+    resume_step = int(ckpt_meta.get("global_step", 0))
     with warnings.catch_warnings(), _merged_metrics(metrics_csv, old_metrics, resume_step):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*is an IterableDataset.*")
