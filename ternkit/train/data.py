@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from ternkit.errors import TernkitError
-from ternkit.train.tokenizer import ByteTokenizer, Tok, build_tokenizer, load_tokenizer
+from ternkit.train.tokenizer import ByteTokenizer, Tok, build_tokenizer, load_tokenizer, write_text_atomic
 
 __all__ = [
     "IGNORE_INDEX",
@@ -433,9 +433,7 @@ def prepare_text_data(data_cfg: Any, tok_cfg: Any, cache_dir: str | os.PathLike[
             "chars": sum(len(d) for d in docs), "train_tokens": n_train, "val_tokens": n_val,
         }
         tok.save(directory)
-        tmp = directory / f".meta.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, directory / "meta.json")  # written last: its presence marks a complete cache
+        write_text_atomic(directory / "meta.json", json.dumps(meta, indent=1))  # last: marks a complete cache
     if int(meta["train_tokens"]) == 0:
         raise TernkitError(f"the data source ({source.description}) tokenized to an empty training split; add more text.")
     return TokenData(

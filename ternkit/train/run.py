@@ -201,12 +201,6 @@ def _step_progress_bar() -> type:
     return StepProgressBar
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progress: bool = True,
           console: Any = None) -> TrainResult:
     """Train the model a recipe describes, writing ``runs/<name>/`` (recipe, tokenizer, checkpoints, logs, summary).
@@ -222,6 +216,7 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
                                         SampleCallback, TelemetryCallback, sample_text)
     from ternkit.train.data import TernkitDataModule
     from ternkit.train.module import TernkitLM
+    from ternkit.train.tokenizer import write_text_atomic
 
     _quiet_lightning()
     run_dir = recipe.run_dir
@@ -266,7 +261,7 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
         return result
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     t = recipe.trainer
     every = recipe.checkpoint.every_steps or None
     replicas = ReplicaCheckCallback()
@@ -324,5 +319,5 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     if trainer.is_global_zero and dm.tokenizer is not None and t.sample_tokens > 0:
         result.sample = sample_text(module.model, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed)
     if trainer.is_global_zero:
-        _write_atomic(run_dir / "summary.json", json.dumps(result.to_dict(), indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(result.to_dict(), indent=2))
     return result

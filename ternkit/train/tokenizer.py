@@ -23,6 +23,7 @@ __all__ = [
     "load_tokenizer",
     "train_bpe",
     "bytes_to_unicode",
+    "write_text_atomic",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -90,7 +91,7 @@ class ByteTokenizer:
         """Write ``tokenizer.json`` into ``directory``; return its path."""
         out = Path(directory) / TOKENIZER_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, self.to_hf_json())
+        write_text_atomic(out, self.to_hf_json())
         return out
 
 
@@ -125,11 +126,12 @@ class HFTokenizer:
         """Write ``tokenizer.json`` into ``directory``; return its path."""
         out = Path(directory) / TOKENIZER_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, self._tok.to_str())  # type: ignore[attr-defined]
+        write_text_atomic(out, self._tok.to_str())  # type: ignore[attr-defined]
         return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (utf-8) to ``path`` through a temporary file and a rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
