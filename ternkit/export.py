@@ -14,7 +14,7 @@ from torch import nn
 from ternkit import __version__
 from ternkit.errors import TernkitError
 
-__all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "check_export", "ExportReport",
+__all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "check_export", "ExportReport", "pack_model",
            "find_tokenizer", "check_tokenizer_fits"]
 
 _WEIGHTS = "model.safetensors"
@@ -98,15 +98,41 @@ def _latent_ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
 
 
+def _trits_and_alpha(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 trits (out, in) and float alpha (per row: (out, 1); otherwise ()) of a latent TernaryLinear."""
+    trits = layer.trits()
+    alpha = layer.scale_of().detach().float()
+    return trits, alpha.reshape(trits.shape[0], 1) if layer.scale == "per_row" else alpha.reshape(())
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, fmt: str = "2bit") -> nn.Module:
+    """Replace every latent TernaryLinear of ``model`` in place by a PackedTernaryLinear (same function); returns it in eval mode.
+
+    The packed layers run :func:`ternkit.ops.ternary_linear.ternary_linear` on the packed trits,
+    so this turns a freshly built or trained model into the fast inference model without a file.
+    """
+    from ternkit.quant.packed import PackedTernaryLinear
+
+    for name, layer in _latent_ternary_layers(model).items():
+        trits, alpha = _trits_and_alpha(layer)
+        new = PackedTernaryLinear.from_trits(trits, alpha, layer.bias, fmt, layer.act_bits)
+        _set_submodule(model, name, new.to(layer.weight.device))
+    return model.eval()
+
+
 def _swap_in_packed(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
     from ternkit.quant.packed import PackedTernaryLinear
 
     for name, meta in layers.items():
         new = PackedTernaryLinear(meta["in"], meta["out"], meta["fmt"], tuple(meta["alpha_shape"]), meta["bias"],
                                   meta["act_bits"])
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        _set_submodule(model, name, new)
 
 
 @dataclass
@@ -170,9 +196,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     tern_w = tern_b = 0
     skip = set()
     for name, layer in latent.items():
-        trits = layer.trits()
-        alpha = layer.scale_of().detach().float().reshape(trits.shape[0], 1) if layer.scale == "per_row" else \
-            layer.scale_of().detach().float().reshape(())
+        trits, alpha = _trits_and_alpha(layer)
         packed, _ = pack_trits(trits, fmt)
         tensors[f"{name}.packed"] = packed.contiguous()
         tensors[f"{name}.alpha"] = alpha.contiguous()

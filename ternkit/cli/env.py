@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import platform
 from pathlib import Path
 
@@ -11,9 +10,6 @@ from rich.table import Table
 
 from ternkit import __version__
 from ternkit.cli.app import app, console, user_errors
-
-# Modules that register compiled ops on import (each falls back to pure torch on its own).
-OP_MODULES: tuple[str, ...] = ()
 
 
 def cpu_features() -> dict[str, bool]:
@@ -40,8 +36,8 @@ def env_report() -> dict[str, object]:
 
     from ternkit.ops import compiled
 
-    for mod in OP_MODULES:
-        importlib.import_module(mod)
+    for name in compiled.OP_NAMES:
+        compiled.load_op(name)  # builds on first use (cached), so the table says which path each op takes
     cuda = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -86,7 +82,7 @@ def env_cmd(json_out: bool = typer.Option(False, "--json", help="Print machine-r
     assert isinstance(ops, list)
     if ops:
         for o in ops:
-            t.add_row(f"op {o['name']}", ("built" if o["built"] else "fell back to pure torch") + (f" ({o['detail']})" if o["detail"] else ""))
+            t.add_row(f"op {o['name']}", ("compiled" if o["built"] else "pure-torch twin") + (f" ({o['detail']})" if o["detail"] else ""))
     else:
         t.add_row("compiled ops", "none registered: every op runs its pure-torch version")
     console.print(t)

@@ -169,6 +169,8 @@ class MLSTMLayer(nn.Module):
             self.v_quant = None
         # Decoding statistics of the sparse write (accumulated by step()).
         self.skip_stats: dict[str, Any] = {}
+        # Decoding with an STC memory uses the sparse write; False forces the dense write (benchmarks' baseline).
+        self.sparse_decode = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -283,8 +285,9 @@ class MLSTMLayer(nn.Module):
         With ``memory_backend="stc_sparse"`` and autograd off (``torch.no_grad()``, as in decoding)
         the memory write uses the sparse path (only the nnz(k) x nnz(v) entries are touched, the
         decay pass is skipped when it is the identity; same numbers as the dense write) and its
-        counts accumulate in :attr:`skip_stats`; see :meth:`skip_fraction`. With autograd on, the
-        dense write runs on the same quantized k and v.
+        counts accumulate in :attr:`skip_stats`; see :meth:`skip_fraction`. That write updates the
+        fp32 C and n of ``state`` in place (the returned state holds the same tensors), so pass each
+        state to ``step`` once. With autograd on, the dense write runs on the same quantized k and v.
         """
         b = x_t.shape[0]
         if state is None:
@@ -296,7 +299,7 @@ class MLSTMLayer(nn.Module):
         q, k, v, i, f = self._qkv_gates(x_m.unsqueeze(1), x_c.unsqueeze(1))
         q, k, v, i, f = q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0]
         mem = (state["C"], state["n"], state["m"])
-        if self.k_quant is not None and not torch.is_grad_enabled():
+        if self.k_quant is not None and self.sparse_decode and not torch.is_grad_enabled():
             h, (c, n, m) = _sparse_step(q, k, v, i, f, mem, self.cfg.gate_mode, self.skip_stats)
         else:
             h, (c, n, m) = mlstm_ops.mlstm_recurrent_step(q, k, v, i, f, state=mem, gate_mode=self.cfg.gate_mode)
@@ -331,7 +334,7 @@ def _sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Ten
                  stats: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Recurrent step with the STC sparse write, accumulating its skip counts into ``stats``."""
     return mlstm_ops.mlstm_recurrent_step(q, k, v, i, f, state=mem, gate_mode=gate_mode,
-                                          sparse_write=True, stats=stats)
+                                          sparse_write=True, stats=stats, inplace=True)
 
 
 def _skip_fraction(stats: dict[str, Any]) -> float:

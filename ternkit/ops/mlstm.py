@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ternkit.errors import TernkitError
-from ternkit.ops.stc import STAT_KEYS, sparse_memory_write, ternary_gate
+from ternkit.ops.stc import STAT_KEYS, ternary_gate
 
 __all__ = [
     "GATE_MODES",
@@ -120,15 +120,19 @@ def mlstm_recurrent_step(
     *,
     sparse_write: bool = False,
     stats: dict[str, int] | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, State]:
     """One mLSTM step: q, k, v (B, NH, DH), gates i, f (B, NH) -> h (B, NH, DH), state (C, n, m).
 
     ``state`` is (C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)) or None for zeros. ``i`` and ``f``
     are gate pre-activations. This step is the definition the other forms are tested against.
 
-    ``sparse_write=True`` routes the memory write through
-    :func:`ternkit.ops.stc.sparse_memory_write` (inference only: no autograd graph is recorded,
-    so call it under ``torch.no_grad()``); it only pays off when k and v are STC-quantized. If a
+    ``sparse_write=True`` routes the memory write through :func:`ternkit.ops.stc_write.stc_write`
+    (the compiled op, or its pure-torch twin), which touches only the nnz(k) x nnz(v) entries of
+    C and skips the decay pass where f' = 1 (inference only: no autograd graph is recorded, so
+    call it under ``torch.no_grad()``); it only pays off when k and v are STC-quantized. With
+    ``inplace=True`` as well, the fp32 C and n of ``state`` are updated in place and returned
+    (the caller gives up the old state; decoding does), so a step costs no copy of C. If a
     ``stats`` dict is given, the write's counters ("total", "written", "decayed") are added to
     it, so one dict can accumulate over steps and layers; pass it to
     :func:`ternkit.ops.stc.skip_fraction`.
@@ -157,7 +161,14 @@ def mlstm_recurrent_step(
     i_scale = torch.exp(i - m_new)
 
     if sparse_write:
-        C_new, n_new, counts = sparse_memory_write(C, n, k, v, f_scale, i_scale)
+        from ternkit.ops.stc_write import stc_write
+
+        # contiguous() is a no-op for a decoding state; clone() keeps the caller's state when not in place.
+        C_new, n_new = C.contiguous(), n.contiguous()
+        if not inplace:
+            C_new = C_new.clone() if C_new is C else C_new
+            n_new = n_new.clone() if n_new is n else n_new
+        counts = stc_write(C_new, n_new, k.contiguous(), v.contiguous(), i_scale.contiguous(), f_scale.contiguous())
         if stats is not None:
             for key in STAT_KEYS:
                 stats[key] = stats.get(key, 0) + counts[key]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ternkit.quant.packing import pack_trits, unpack_trits
-from ternkit.quant.ternarize import act_quant_8bit
+from ternkit.ops.ternary_linear import ternary_linear
+from ternkit.quant.packing import pack_2bit, pack_trits, unpack_trits
 
 __all__ = ["PackedTernaryLinear"]
 
@@ -16,9 +15,11 @@ class PackedTernaryLinear(nn.Module):
     """A ternary linear layer whose persistent state is packed trits (uint8), alpha and an optional bias.
 
     ``packed`` holds the (out, in) trits in ``fmt`` ("base3" or "2bit"); ``alpha`` is a scalar ()
-    or per-row (out, 1) float scale. The float weight ``alpha * T`` is unpacked once, on first use,
-    into a non-persistent cache, so the module computes exactly what the training layer's
-    ternarized forward computed.
+    or per-row (out, 1) float scale. The forward runs :func:`ternkit.ops.ternary_linear.ternary_linear`
+    on the 2-bit trits (a base-3 layer repacks itself to 2 bits once, into a non-persistent
+    cache), so no float copy of the weight is ever made for the forward; it computes the
+    training layer's ternarized forward up to float summation order. :meth:`ternary_weight`
+    still gives ``alpha * T`` in float for statistics.
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "base3", alpha_shape: tuple[int, ...] = (),
@@ -30,6 +31,7 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("alpha", torch.ones(alpha_shape))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("_weight", None, persistent=False)
+        self.register_buffer("_packed_2bit", None, persistent=False)
 
     @classmethod
     def from_trits(cls, trits: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "base3",
@@ -63,15 +65,21 @@ class PackedTernaryLinear(nn.Module):
         return self._weight
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._weight = None  # new trits or alpha: drop the cache
+        self._weight = self._packed_2bit = None  # new trits or alpha: drop the caches
         super()._load_from_state_dict(*args, **kwargs)
 
+    def packed_2bit(self) -> torch.Tensor:
+        """The trits as uint8 (out, ceil(in/128)*32) in the 2-bit layout the kernel reads (cached for base3)."""
+        if self.fmt == "2bit":
+            return self.packed
+        if self._packed_2bit is None or self._packed_2bit.device != self.packed.device:
+            self._packed_2bit = pack_2bit(self.trits())
+        return self._packed_2bit
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y (..., out) from x (..., in)."""
-        if self.act_bits == 8:
-            x = act_quant_8bit(x)
-        w = self.ternary_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        """y (..., out) from x (..., in) by the ternary_linear op on the packed trits."""
+        return ternary_linear(x, self.packed_2bit(), self.alpha, self.in_features, act_bits=self.act_bits,
+                              bias=self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, act_bits={self.act_bits}"

@@ -1,0 +1,60 @@
+"""The compiled-op loader: opt-out, missing sources and failed builds fall back with one clear warning."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ternkit.ops import compiled
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty op registry, an empty warning set and a private cache dir; returns a private csrc folder."""
+    monkeypatch.setattr(compiled, "_REGISTRY", {})
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    monkeypatch.setenv("TERNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TERNKIT_NO_EXT", raising=False)
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    monkeypatch.setattr(compiled, "CSRC", csrc)
+    return csrc
+
+
+def test_no_ext_env_forces_twins(fresh_registry: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (fresh_registry / "some_op.cpp").write_text("#error must not be compiled\n")
+    monkeypatch.setenv("TERNKIT_NO_EXT", "1")
+    assert compiled.load_op("some_op") is False
+    st = compiled.status()
+    assert [(s.name, s.built) for s in st] == [("some_op", False)]
+    assert "TERNKIT_NO_EXT" in st[0].detail
+    assert not (Path(compiled.cache_dir())).exists()  # nothing was built
+
+
+def test_missing_source_falls_back_with_one_warning(fresh_registry: Path) -> None:
+    with pytest.warns(UserWarning, match="missing"):
+        assert compiled.load_op("absent_op") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compiled.load_op("absent_op") is False  # cached outcome, no second warning
+
+
+def test_failed_build_names_the_cause(fresh_registry: Path) -> None:
+    (fresh_registry / "broken_op.cpp").write_text('#error "deliberately broken for the test"\n')
+    with pytest.warns(UserWarning, match="build failed") as rec:
+        assert compiled.load_op("broken_op") is False
+    assert len(rec) == 1
+    detail = compiled.status()[0].detail
+    assert detail.startswith("build failed") and "error" in detail.lower()
+
+
+def test_build_key_changes_with_the_source(fresh_registry: Path) -> None:
+    src = fresh_registry / "k_op.cpp"
+    src.write_text("int a;\n")
+    k1 = compiled._build_key("k_op", [src], False)
+    assert compiled._build_key("k_op", [src], False) == k1
+    assert compiled._build_key("k_op", [src], True) != k1  # CUDA builds live apart
+    src.write_text("int b;\n")
+    assert compiled._build_key("k_op", [src], False) != k1
