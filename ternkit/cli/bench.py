@@ -47,15 +47,14 @@ def bench_moe(
     from ternkit.bench import bench_moe_vs_dense, machine_info
     from ternkit.errors import TernkitError
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    _setup(threads, repeats)
     grid = [_parse_ek(c) for c in (configs or ["12x3", "8x2", "64x8"])]
     modes = modes or ["fwd", "fwdbwd"]
     for m in modes:
         if m not in ("fwd", "fwdbwd"):
             raise TernkitError(f"--mode {m!r} is not a mode; use fwd or fwdbwd.")
     t = Table(title=f"MoE FFN vs all experts dense (D={d_model}, hidden={hidden}, {tokens} tokens, "
-                    f"{torch.get_num_threads()} threads, median of {repeats})")
+                    f"{torch.get_num_threads()} threads, median of {repeats})", caption=_caption())
     for col in ("E", "k", "mode", "moe ms", "dense ms", "ratio", "ideal", "max |diff|"):
         t.add_column(col, justify="right")
     results = []
@@ -69,3 +68,189 @@ def bench_moe(
     if json_path is not None:
         json_path.write_text(json.dumps({"benchmark": "moe", "machine": machine_info(), "results": results}, indent=2))
         console.print(f"wrote {json_path}")
+
+
+def _setup(threads: Optional[int], repeats: int) -> None:
+    """Apply --threads and check --repeats (shared by every bench command)."""
+    import torch
+
+    from ternkit.errors import TernkitError
+
+    if threads is not None:
+        if threads < 1:
+            raise TernkitError(f"--threads must be at least 1, got {threads}.")
+        torch.set_num_threads(threads)
+    if repeats < 1:
+        raise TernkitError(f"--repeats must be at least 1, got {repeats}.")
+
+
+def _caption(extra: str = "") -> str:
+    from ternkit.bench import machine_line
+
+    return machine_line() + (f"; {extra}" if extra else "")
+
+
+def _write_json(json_path: Optional[Path], payload: dict) -> None:
+    from ternkit.bench import machine_info
+
+    if json_path is None:
+        return
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({**payload, "machine": machine_info()}, indent=2))
+    console.print(f"wrote {json_path}")
+
+
+def _us(s: float) -> str:
+    return f"{s * 1e6:.1f}" if s < 1e-3 else f"{s * 1e6:.0f}"
+
+
+def _goal(ratio: float, goal: Optional[float]) -> str:
+    if goal is None:
+        return "report"
+    return f"[green]{goal:g}x met[/]" if ratio >= goal else f"[red]{goal:g}x missed[/]"
+
+
+def _ints(values: Optional[List[int]], default: List[int], flag: str) -> List[int]:
+    from ternkit.errors import TernkitError
+
+    out = list(values or default)
+    for v in out:
+        if v < 1:
+            raise TernkitError(f"{flag} must be a positive integer, got {v}.")
+    return out
+
+
+@bench_app.command("kernels")
+@user_errors
+def bench_kernels_cmd(
+    batches: Optional[List[int]] = typer.Option(None, "--batch", help="Rows of x (repeatable); default 1, 8, 64."),
+    out_features: int = typer.Option(4096, "--out", help="Output features N of the weight (N, K)."),
+    in_features: int = typer.Option(4096, "--in", help="Input features K of the weight (N, K)."),
+    act_bits: Optional[List[int]] = typer.Option(None, "--act-bits", help="8 (int8 activations) and/or 0 (float); "
+                                                  "default both."),
+    repeats: int = typer.Option(7, "--repeats"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """ternary_linear on 2-bit packed trits vs F.linear fp32 with the same weights, per batch size."""
+    from ternkit.bench import bench_kernels
+    from ternkit.errors import TernkitError
+
+    _setup(threads, repeats)
+    bs = _ints(batches, [1, 8, 64], "--batch")
+    if out_features < 1 or in_features < 1:
+        raise TernkitError("--out and --in must be positive integers.")
+    abits = act_bits if act_bits else [8, 0]
+    for a in abits:
+        if a not in (0, 8):
+            raise TernkitError(f"--act-bits {a} is not supported; use 8 or 0.")
+    r = bench_kernels(out_features, in_features, tuple(bs), tuple(a or None for a in abits), repeats)
+    op = r["op"]
+    t = Table(title=f"ternary_linear {out_features}x{in_features} (2-bit packed) vs F.linear fp32, median of {repeats}",
+              caption=_caption("compiled op" if op["compiled"] else f"pure-torch twin ({op['detail']})"))
+    for col in ("batch", "act", "ternary us", "fp32 us", "ratio", "goal", "|diff| twin", "rel vs fp32"):
+        t.add_column(col, justify="right")
+    for row in r["results"]:
+        act = "int8" if row["act_bits"] else "float"
+        t.add_row(str(row["batch"]), act, _us(row["ternary_s"]), _us(row["dense_s"]),
+                  f"{row['ratio']:.2f}x", _goal(row["ratio"], row["goal"]), f"{row['max_abs_diff']:.1e}",
+                  f"{row['vs_dense']:.1e}")
+    console.print(t)
+    _write_json(json_path, r)
+
+
+@bench_app.command("stc")
+@user_errors
+def bench_stc_cmd(
+    dh: Optional[List[int]] = typer.Option(None, "--dh", help="Head width DH (repeatable); default 256 and 512."),
+    densities: Optional[List[float]] = typer.Option(None, "--density", help="Non-zero fraction of k and v "
+                                                     "(repeatable); default 1, 0.5, 0.25, 0.1, 0.05."),
+    heads: int = typer.Option(4, "--heads", help="Memory heads NH."),
+    batch: int = typer.Option(1, "--batch"),
+    repeats: int = typer.Option(7, "--repeats"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """STC sparse memory write (and the whole recurrent step) vs the dense update, over head width and density."""
+    from ternkit.bench import bench_stc
+    from ternkit.errors import TernkitError
+
+    _setup(threads, repeats)
+    dhs = _ints(dh, [256, 512], "--dh")
+    if heads < 1 or batch < 1:
+        raise TernkitError("--heads and --batch must be positive integers.")
+    dens = list(densities or [1.0, 0.5, 0.25, 0.10, 0.05])
+    for d in dens:
+        if not 0.0 < d <= 1.0:
+            raise TernkitError(f"--density {d} must lie in (0, 1].")
+    r = bench_stc(tuple(dhs), tuple(dens), heads, batch, repeats)
+    op = r["op"]
+    t = Table(title=f"STC sparse write vs dense update (f' = 1, B={batch}, NH={heads}), median of {repeats}",
+              caption=_caption("compiled op" if op["compiled"] else f"pure-torch twin ({op['detail']})"))
+    t.add_column("DH", justify="right")
+    t.add_column("k, v density", justify="right")
+    for col in ("write us", "dense write us", "write ratio", "step us", "dense step us", "step ratio"):
+        t.add_column(col, justify="right")
+    for row in r["results"]:
+        t.add_row(str(row["dh"]), f"{row['density']:.0%}", _us(row["write_sparse_s"]), _us(row["write_dense_s"]),
+                  f"{row['write_ratio']:.1f}x", _us(row["step_sparse_s"]), _us(row["step_dense_s"]),
+                  f"{row['step_ratio']:.2f}x")
+    console.print(t)
+    diff = max(max(row["write_max_abs_diff"], row["step_max_abs_diff"]) for row in r["results"])
+    exact = all(row["twin_equal"] for row in r["results"])
+    console.print(f"max |sparse - dense| over all cases: {diff:.1e}; op equals its pure-torch twin bit for bit: "
+                  f"{'yes' if exact else '[red]no[/]'}")
+    for s in r["summary"]:
+        cw = "never" if s["crossover_write"] is None else f"{s['crossover_write']:.0%}"
+        cs = "never" if s["crossover_step"] is None else f"{s['crossover_step']:.0%}"
+        met = "n/a" if s["met"] is None else ("[green]met[/]" if s["met"] else "[red]missed[/]")
+        console.print(f"DH={s['dh']}: sparse write beats dense up to density {cw} (whole step: {cs}); "
+                      f"goal >= {s['goal']:g}x at {s['goal_density']:.0%}: {met}")
+    _write_json(json_path, r)
+
+
+@bench_app.command("generate")
+@user_errors
+def bench_generate_cmd(
+    d_model: int = typer.Option(1024, "--d-model"),
+    blocks: int = typer.Option(6, "--blocks"),
+    tokens: int = typer.Option(32, "--tokens", help="New tokens decoded per run (>= 2)."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens"),
+    heads: int = typer.Option(4, "--heads"),
+    ffn: str = typer.Option("none", "--ffn", help="none (mLSTM-only blocks) or ternary (adds a ternary SwiGLU)."),
+    repeats: int = typer.Option(3, "--repeats"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Greedy decoding tokens/s, batch 1: the 2-bit packed model vs the same model as fp32 dense (random weights)."""
+    from ternkit.bench import bench_generate
+    from ternkit.errors import TernkitError
+
+    _setup(threads, repeats)
+    if tokens < 2:
+        raise TernkitError(f"--tokens must be at least 2 (one prefill token, then decode steps), got {tokens}.")
+    if ffn not in ("none", "ternary"):
+        raise TernkitError(f"--ffn {ffn!r} is not supported; use none or ternary.")
+    for flag, v in (("--d-model", d_model), ("--blocks", blocks), ("--prompt-tokens", prompt_tokens),
+                    ("--heads", heads)):
+        if v < 1:
+            raise TernkitError(f"{flag} must be a positive integer, got {v}.")
+    if (2 * d_model) % heads:
+        raise TernkitError(f"--heads {heads} must divide the inner width 2 * d_model = {2 * d_model}.")
+    r = bench_generate(d_model, blocks, prompt_tokens, tokens, ffn, heads=heads, repeats=repeats)
+    ops = ", ".join(f"{k}: {'compiled' if v['compiled'] else 'twin'}" for k, v in r["ops"].items())
+    t = Table(title=f"Decoding, batch 1: {blocks} blocks, d={d_model}, ffn={ffn}, {prompt_tokens}-token prompt, "
+                    f"{tokens} new tokens, median of {repeats}",
+              caption=_caption(ops))
+    for col in ("model", "prefill tok/s", "decode tok/s", "ratio", "goal"):
+        t.add_column(col, justify="right")
+    t.add_row("fp32 dense", f"{r['prefill_tps']['fp32']:.1f}", f"{r['decode_tps']['fp32']:.1f}", "1.00x", "")
+    t.add_row("packed 2-bit", f"{r['prefill_tps']['packed']:.1f}", f"{r['decode_tps']['packed']:.1f}",
+              f"{r['ratio']:.2f}x", _goal(r["ratio"], r["goal"]))
+    console.print(t)
+    div = "none" if r["first_divergence"] is None else f"token {r['first_divergence']}"
+    console.print(f"greedy tokens equal: {r['greedy_match']:.0%} (first divergence: {div}); on the same text, "
+                  f"argmax agreement {r['forced_match']:.0%}, logits cosine {r['logits_cosine']:.3f} (packed vs the "
+                  f"unpacked int8 model: {r['latent_match']:.0%}, {r['latent_cosine']:.3f}); "
+                  f"sparse-write skip fraction: {r['skip_fraction']:.2f}")
+    _write_json(json_path, r)

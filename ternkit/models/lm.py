@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -181,19 +181,29 @@ class XLSTMLM(nn.Module):
             new_state.append(st)
         return self._logits(x), new_state
 
-    @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """tokens (B, S + max_new_tokens): the prompt (B, S) followed by decoded tokens (prefill, then step)."""
+    def stream(self, tokens: torch.Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield each decoded token (B,) long, one at a time, after the prompt tokens (B, S) (prefill, then step).
+
+        The first token is yielded right after the prefill, every later one after one recurrent
+        step, so a caller can print tokens as they come and time prefill and decode apart. The
+        model is not stepped past the last yielded token. :meth:`generate` is this stream,
+        concatenated.
+        """
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
         if tokens.shape[1] == 0:
             raise TernkitError("generate needs a prompt of at least one token; pass a non-empty prompt.")
         if not greedy and temperature <= 0:
             raise TernkitError(f"temperature must be > 0 for sampling, got {temperature}; use greedy=True instead.")
+        return self._stream(tokens, max_new_tokens, greedy, temperature, top_k, generator)
+
+    @torch.no_grad()
+    def _stream(self, tokens: torch.Tensor, max_new_tokens: int, greedy: bool, temperature: float,
+                top_k: int | None, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+        # A separate generator function so that stream() checks its arguments when called, not on first next().
         logits, state = self.prefill(tokens)
         last = logits[:, -1]
-        out = [tokens]
         for i in range(max_new_tokens):
             if greedy:
                 nxt = last.argmax(-1)
@@ -203,9 +213,18 @@ class XLSTMLM(nn.Module):
                     kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]
-            out.append(nxt.unsqueeze(1))
+            yield nxt
             if i + 1 < max_new_tokens:
                 last, state = self.step(nxt, state)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """tokens (B, S + max_new_tokens): the prompt (B, S) followed by decoded tokens (prefill, then step)."""
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        out = [tokens] + [t.unsqueeze(1) for t in self.stream(tokens, max_new_tokens, greedy, temperature, top_k,
+                                                              generator)]
         return torch.cat(out, dim=1)
 
     # --- losses and statistics -----------------------------------------------------------------------

@@ -190,20 +190,28 @@ def ternary_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor,
     int8 (see the module docstring for the exact formula). Uses the compiled op when built for
     x's device and no gradient is needed, else :func:`ternary_linear_reference`.
     """
-    bits, n, g = _check(x, w_packed, scale, in_features, group_size, act_bits, bias)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if needs_grad or x.numel() == 0 or not compiled_available(x.device.type):
+    if (needs_grad or x.numel() == 0 or act_bits not in (None, 0, 8) or not torch.is_tensor(x)
+            or not compiled_available(x.device.type)):
         return ternary_linear_reference(x, w_packed, scale, in_features, group_size=group_size, act_bits=act_bits,
                                         bias=bias)
+    # Decoding calls this tens of times per token at batch 1, where Python checks cost as much as
+    # the kernel: the op checks its arguments itself, and only a refusal runs _check for the sentence.
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    sc = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.to(torch.float32).contiguous()
-    y = torch.ops.ternkit.ternary_linear(x2, w_packed.contiguous(), sc, in_features, group_size, bits)
-    if bias is not None:
-        y = y + bias.reshape(n).to(torch.float32)
+    try:
+        x2 = x.reshape(-1, in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        sc = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.to(torch.float32).contiguous()
+        y = torch.ops.ternkit.ternary_linear(x2, w_packed.contiguous(), sc, in_features, group_size,
+                                             8 if act_bits == 8 else 0)
+        n = y.shape[1]
+        if bias is not None:
+            y = y + bias.reshape(n).to(torch.float32)
+    except (RuntimeError, TypeError):
+        _check(x, w_packed, scale, in_features, group_size, act_bits, bias)
+        raise
     if len(lead) != 1:
         y = y.reshape(*lead, n)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
