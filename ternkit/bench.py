@@ -349,19 +349,30 @@ def bench_stc(dh: tuple[int, ...] = (256, 512), densities: tuple[float, ...] = (
             "results": results, "summary": summary}
 
 
+class _Int8ActLinear(nn.Linear):
+    """nn.Linear whose input is per-token absmax int8 fake-quantized first (fp32 math): y (..., out) from x (..., in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ternkit.quant.ternarize import act_quant_8bit
+
+        return super().forward(act_quant_8bit(x))
+
+
 def dense_baseline(model: nn.Module) -> nn.Module:
     """``model`` in place as its fp32 dense twin: each latent TernaryLinear becomes nn.Linear(alpha * T), dense writes.
 
-    The twin computes with the same ternarized weights, but as float matrices read in full on
-    every token, float activations (no int8 quantization) and the dense STC memory write
-    (``sparse_decode=False``): what the model costs without ternkit's kernels. Returns it in eval mode.
+    The twin computes the same function with the same ternarized weights, but as float matrices
+    read in full on every token (a layer with ``act_bits=8`` fake-quantizes its input in fp32
+    first, as the training layer does) and the dense STC memory write (``sparse_decode=False``):
+    what the model costs without ternkit's kernels. Returns it in eval mode.
     """
     from ternkit.models.mlstm import MLSTMLayer
     from ternkit.quant.linear import TernaryLinear
 
     swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, TernaryLinear)]
     for name, mod in swaps:
-        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        cls = _Int8ActLinear if mod.act_bits == 8 else nn.Linear
+        lin = cls(mod.in_features, mod.out_features, bias=mod.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(mod.ternary_weight().detach())
             if mod.bias is not None:

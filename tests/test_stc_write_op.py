@@ -116,6 +116,21 @@ def test_compiled_matches_twin_bit_for_bit(op, monkeypatch: pytest.MonkeyPatch, 
             assert torch.equal(C2, C_d) and torch.equal(n2, n_d), (density, f_value)
 
 
+def test_compiled_large_memory_matches_twin(op, monkeypatch: pytest.MonkeyPatch) -> None:
+    # C over 1 MiB takes the kernel's prefetching paths (per column, per line, and blocks);
+    # DV = 523 leaves a 3-column tail after the last 8-column block.
+    monkeypatch.delenv("TERNKIT_ISA", raising=False)
+    torch.manual_seed(7)
+    for density in (0.02, 0.1, 0.35):
+        C, n, k, v, i, f = _case(1, 2, 300, 523, density, 1.0)
+        v[..., -2] = 0.5  # a non-zero in the tail
+        C1, n1 = C.clone(), n.clone()
+        st1 = stc_write_reference(C1, n1, k, v, i, f)
+        C2, n2 = C.clone(), n.clone()
+        assert op(C2, n2, k, v, i, f).tolist() == [st1["written"], st1["decayed"]], density
+        assert torch.equal(_bits(C2), _bits(C1)) and torch.equal(_bits(n2), _bits(n1)), density
+
+
 @pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("v_density", [0.9, 0.03])  # masked contiguous rows vs gathered columns
 def test_keep_leaves_other_entries_bit_identical(op, monkeypatch: pytest.MonkeyPatch, isa: str,
