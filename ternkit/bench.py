@@ -247,7 +247,8 @@ def bench_stc(dh: tuple[int, ...] = (256, 512), densities: tuple[float, ...] = (
     forms of ``C = f' C + i' k v^T, n = f' n + i' k`` (``mul_`` + ``addcmul_``, ``mul_`` +
     ``baddbmm_``), all in place on (B, NH, DH, DH). Whole step: ``mlstm_recurrent_step(...,
     gate_mode="ternary", sparse_write=True, inplace=True)`` (what decoding runs) vs
-    ``sparse_write=False``, whose read ``q C`` stays dense. ``crossover`` per DH is the highest
+    ``sparse_write=False, inplace=True`` (the dense decode: decay and write in place), whose read ``q C`` is
+    dense on both sides. ``crossover`` per DH is the highest
     measured density at which the sparse side is still faster.
     """
     from ternkit.ops.mlstm import mlstm_recurrent_step
@@ -312,14 +313,15 @@ def bench_stc(dh: tuple[int, ...] = (256, 512), densities: tuple[float, ...] = (
             st_d = (c0.clone(), n0.clone(), torch.zeros(batch, heads))
             h_s = mlstm_recurrent_step(q, k, v, ig, fg, state=tuple(t.clone() for t in st_s), gate_mode="ternary",
                                        sparse_write=True, inplace=True)[0]
-            h_d = mlstm_recurrent_step(q, k, v, ig, fg, state=st_d, gate_mode="ternary")[0]
+            h_d = mlstm_recurrent_step(q, k, v, ig, fg, state=tuple(t.clone() for t in st_d), gate_mode="ternary",
+                                       inplace=True)[0]
             step_diff = float((h_s - h_d).abs().max())
 
             def step_sparse() -> None:
                 mlstm_recurrent_step(q, k, v, ig, fg, state=st_s, gate_mode="ternary", sparse_write=True, inplace=True)
 
             def step_dense() -> None:
-                mlstm_recurrent_step(q, k, v, ig, fg, state=st_d, gate_mode="ternary")
+                mlstm_recurrent_step(q, k, v, ig, fg, state=st_d, gate_mode="ternary", inplace=True)
 
             s = interleaved_per_call({"dense": step_dense, "sparse": step_sparse}, "dense", repeats=repeats,
                                      warmup=warmup)

@@ -285,9 +285,10 @@ class MLSTMLayer(nn.Module):
         With ``memory_backend="stc_sparse"`` and autograd off (``torch.no_grad()``, as in decoding)
         the memory write uses the sparse path (only the nnz(k) x nnz(v) entries are touched, the
         decay pass is skipped when it is the identity; same numbers as the dense write) and its
-        counts accumulate in :attr:`skip_stats`; see :meth:`skip_fraction`. That write updates the
-        fp32 C and n of ``state`` in place (the returned state holds the same tensors), so pass each
-        state to ``step`` once. With autograd on, the dense write runs on the same quantized k and v.
+        counts accumulate in :attr:`skip_stats`; see :meth:`skip_fraction`. With autograd off (either
+        backend) the write updates the fp32 C and n of ``state`` in place (the returned state holds
+        the same tensors), so pass each state to ``step`` once. With autograd on, the dense write
+        runs on the same quantized k and v and returns new tensors.
         """
         b = x_t.shape[0]
         if state is None:
@@ -302,7 +303,8 @@ class MLSTMLayer(nn.Module):
         if self.k_quant is not None and self.sparse_decode and not torch.is_grad_enabled():
             h, (c, n, m) = _sparse_step(q, k, v, i, f, mem, self.cfg.gate_mode, self.skip_stats)
         else:
-            h, (c, n, m) = mlstm_ops.mlstm_recurrent_step(q, k, v, i, f, state=mem, gate_mode=self.cfg.gate_mode)
+            h, (c, n, m) = mlstm_ops.mlstm_recurrent_step(q, k, v, i, f, state=mem, gate_mode=self.cfg.gate_mode,
+                                                          inplace=not torch.is_grad_enabled())
         y = self._output(h.unsqueeze(2), x_c.unsqueeze(1), z.unsqueeze(1))[:, 0]
         return y, {"C": c, "n": n, "m": m, "conv": conv_buf}
 

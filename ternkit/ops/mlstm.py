@@ -131,8 +131,9 @@ def mlstm_recurrent_step(
     (the compiled op, or its pure-torch twin), which touches only the nnz(k) x nnz(v) entries of
     C and skips the decay pass where f' = 1 (inference only: no autograd graph is recorded, so
     call it under ``torch.no_grad()``); it only pays off when k and v are STC-quantized. With
-    ``inplace=True`` as well, the fp32 C and n of ``state`` are updated in place and returned
-    (the caller gives up the old state; decoding does), so a step costs no copy of C. If a
+    ``inplace=True`` the fp32 C and n of ``state`` are updated in place and returned (the caller
+    gives up the old state; decoding does), so a step costs no copy of C; the dense write does
+    the same when autograd is off (decay, then ``addcmul_`` of ``(i' k) v^T``). If a
     ``stats`` dict is given, the write's counters ("total", "written", "decayed") are added to
     it, so one dict can accumulate over steps and layers; pass it to
     :func:`ternkit.ops.stc.skip_fraction`.
@@ -172,6 +173,10 @@ def mlstm_recurrent_step(
         if stats is not None:
             for key in STAT_KEYS:
                 stats[key] = stats.get(key, 0) + counts[key]
+    elif inplace and not torch.is_grad_enabled():
+        # Dense decoding: two passes over C in place instead of three new (B, NH, DH, DH) temporaries.
+        C_new = C.mul_(f_scale[..., None, None]).addcmul_((i_scale.unsqueeze(-1) * k).unsqueeze(-1), v.unsqueeze(-2))
+        n_new = n.mul_(f_scale.unsqueeze(-1)).add_(i_scale.unsqueeze(-1) * k)
     else:
         C_new = f_scale[..., None, None] * C + i_scale[..., None, None] * (k.unsqueeze(-1) * v.unsqueeze(-2))
         n_new = f_scale.unsqueeze(-1) * n + i_scale.unsqueeze(-1) * k
