@@ -19,8 +19,9 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-__all__ = ["OpStatus", "CSRC", "OP_NAMES", "cache_dir", "load_op", "register", "status", "warn_fallback_once"]
+__all__ = ["OpStatus", "CSRC", "OP_NAMES", "cache_dir", "load_op", "register", "serves", "status", "warn_fallback_once"]
 
 #: Folder of the C++/CUDA sources.
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -43,6 +44,7 @@ class OpStatus:
 _REGISTRY: dict[str, OpStatus] = {}
 _WARNED: set[str] = set()
 _LOCK = threading.Lock()
+_FAKES: set[str] = set()
 
 
 def register(name: str, built: bool, detail: str = "") -> OpStatus:
@@ -177,3 +179,24 @@ def _first_line(exc: BaseException) -> str:
         if "error" in line.lower():
             return line.strip()[:300]
     return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+def serves(name: str, device_type: str, fake: Callable[..., Any]) -> bool:
+    """True when op ``name`` is built (compiled on first call) and has a kernel for ``device_type`` ("cpu" or "cuda").
+
+    The first time the op loads, ``fake`` is registered as its meta kernel
+    (``torch.library.register_fake``), so FakeTensor tracing, torch.compile and
+    ``torch.library.opcheck`` can run it. Op modules cache the answer per device type: this is
+    asked once, not per call.
+    """
+    import torch
+
+    if not load_op(name):
+        return False
+    with _LOCK:
+        if name not in _FAKES:
+            torch.library.register_fake(f"ternkit::{name}")(fake)
+            _FAKES.add(name)
+    if device_type == "cpu":
+        return True
+    return device_type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(f"ternkit::{name}", "CUDA")

@@ -19,8 +19,6 @@ with ``f' != 1`` (``nnz`` counts entries ``!= 0``, so nan counts as non-zero).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from ternkit.errors import TernkitError
@@ -30,8 +28,6 @@ from ternkit.ops.stc import STAT_KEYS
 __all__ = ["stc_write", "stc_write_reference", "compiled_available"]
 
 _OP = "stc_write"
-_FAKE_LOCK = threading.Lock()
-_FAKE_REGISTERED = False
 # device type -> whether the compiled op serves it (decided once per process: the call is on the decode hot path).
 _AVAILABLE: dict[str, bool] = {}
 # The op's callable, looked up once: resolving torch.ops.ternkit.stc_write.default costs about as
@@ -40,37 +36,21 @@ _AVAILABLE: dict[str, bool] = {}
 _OP_FN = None
 
 
-def _register_fake() -> None:
-    """Register the meta kernel of ``ternkit::stc_write`` once, so FakeTensor/compile/opcheck can trace it."""
-    global _FAKE_REGISTERED
-    with _FAKE_LOCK:
-        if _FAKE_REGISTERED:
-            return
-
-        @torch.library.register_fake("ternkit::stc_write")
-        def _stc_write_fake(C, n, k, v, i_scale, f_scale):  # noqa: ANN001, ANN202 - signature fixed by the schema
-            return C.new_empty((2,), dtype=torch.int64)
-
-        _FAKE_REGISTERED = True
+def _fake(C, n, k, v, i_scale, f_scale):  # noqa: ANN001, ANN202 - signature fixed by the schema
+    """Meta kernel of ``ternkit::stc_write``: the int64 (2,) counts."""
+    return C.new_empty((2,), dtype=torch.int64)
 
 
 def compiled_available(device: torch.device | str = "cpu") -> bool:
     """True when ``torch.ops.ternkit.stc_write`` is built (compiling it on first call) and has a kernel for ``device``."""
+    global _OP_FN
     dev_type = torch.device(device).type
     ok = _AVAILABLE.get(dev_type)
-    if ok is not None:
-        return ok
-    ok = False
-    if compiled.load_op(_OP):
-        _register_fake()
-        global _OP_FN
-        overload = torch.ops.ternkit.stc_write.default
-        _OP_FN = getattr(overload, "_op", overload)
-        if dev_type == "cpu":
-            ok = True
-        elif dev_type == "cuda":
-            ok = torch._C._dispatch_has_kernel_for_dispatch_key("ternkit::stc_write", "CUDA")
-    _AVAILABLE[dev_type] = ok
+    if ok is None:
+        ok = _AVAILABLE[dev_type] = compiled.serves(_OP, dev_type, _fake)
+        if ok and _OP_FN is None:
+            overload = torch.ops.ternkit.stc_write.default
+            _OP_FN = getattr(overload, "_op", overload)
     return ok
 
 

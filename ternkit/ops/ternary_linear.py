@@ -35,8 +35,6 @@ gradient is needed, otherwise the twin (which is differentiable w.r.t. ``x``).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
@@ -49,8 +47,6 @@ ACT_AMAX_MIN = 1e-5
 """Floor of the per-token absmax in the int8 activation scale (as ``act_quant_8bit``)."""
 
 _OP = "ternary_linear"
-_FAKE_LOCK = threading.Lock()
-_FAKE_DONE = False
 
 
 def _check(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int,
@@ -144,40 +140,26 @@ def ternary_linear_reference(x: torch.Tensor, w_packed: torch.Tensor, scale: tor
     return y.reshape(*lead, n).to(x.dtype)
 
 
-def _register_fake() -> None:
-    """Register the meta kernel of ``ternkit::ternary_linear`` once (shape inference for opcheck/compile)."""
-    global _FAKE_DONE
-    with _FAKE_LOCK:
-        if _FAKE_DONE:
-            return
-
-        @torch.library.register_fake("ternkit::ternary_linear")
-        def _fake(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int,
-                  act_bits: int) -> torch.Tensor:
-            torch._check(x.dim() == 2 and x.shape[1] == in_features)
-            torch._check(w_packed.dim() == 2)
-            return x.new_empty((x.shape[0], w_packed.shape[0]))
-
-        _FAKE_DONE = True
+def _fake(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int,
+          act_bits: int) -> torch.Tensor:
+    """Meta kernel of ``ternkit::ternary_linear``: y (M, N) for x (M, K) and w_packed (N, ...)."""
+    torch._check(x.dim() == 2 and x.shape[1] == in_features)
+    torch._check(w_packed.dim() == 2)
+    return x.new_empty((x.shape[0], w_packed.shape[0]))
 
 
+# device type -> whether the compiled op serves it (asked once per process).
 _AVAILABLE: dict[str, bool] = {}
 
 
 def compiled_available(device: torch.device | str = "cpu") -> bool:
     """True when the compiled ``ternkit::ternary_linear`` is built (built on first call) and has a kernel for ``device``."""
     kind = torch.device(device).type
-    hit = _AVAILABLE.get(kind)
-    if hit is not None:
-        return hit
-    from ternkit.ops import compiled
+    ok = _AVAILABLE.get(kind)
+    if ok is None:
+        from ternkit.ops import compiled
 
-    ok = compiled.load_op(_OP)
-    if ok:
-        _register_fake()
-        ok = kind in ("cpu", "cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "ternkit::ternary_linear", "CUDA" if kind == "cuda" else "CPU")
-    _AVAILABLE[kind] = ok
+        ok = _AVAILABLE[kind] = compiled.serves(_OP, kind, _fake)
     return ok
 
 
