@@ -30,17 +30,22 @@ TERNARY_GATE_THRESHOLD = 0.5
 STAT_KEYS = ("total", "written", "decayed")
 
 
+def _stc_forward(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """alpha * sign(x) * [|x| > tau] per vector (last dim), alpha = mean |x| of the kept entries."""
+    keep = x.abs() > tau
+    count = keep.sum(dim=-1, keepdim=True)
+    kept_abs = torch.where(keep, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+    # clamp(min=1): a vector with no kept entries gets alpha = 0 instead of 0/0.
+    alpha = kept_abs.sum(dim=-1, keepdim=True) / count.clamp(min=1).to(x.dtype)
+    return torch.where(keep, alpha * torch.sign(x), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 class _STCQuantize(torch.autograd.Function):
     """Forward alpha * sign(x) * [|x| > tau]; backward identity (straight-through, zero region included)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        keep = x.abs() > tau
-        count = keep.sum(dim=-1, keepdim=True)
-        kept_abs = torch.where(keep, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
-        # clamp(min=1): a vector with no kept entries gets alpha = 0 instead of 0/0.
-        alpha = kept_abs.sum(dim=-1, keepdim=True) / count.clamp(min=1).to(x.dtype)
-        return torch.where(keep, alpha * torch.sign(x), torch.zeros((), dtype=x.dtype, device=x.device))
+        return _stc_forward(x, tau)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -58,7 +63,10 @@ def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """
     if not torch.is_tensor(tau):
         tau = torch.tensor(float(tau), dtype=x.dtype, device=x.device)
-    return _STCQuantize.apply(x, tau.to(dtype=x.dtype, device=x.device))
+    tau = tau.to(dtype=x.dtype, device=x.device)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _stc_forward(x, tau)  # decoding: the same numbers without the autograd.Function's overhead
+    return _STCQuantize.apply(x, tau)
 
 
 class _TernaryGate(torch.autograd.Function):

@@ -48,7 +48,8 @@ class STCQuantizer(nn.Module):
         # init_tau is only used if the module runs in eval mode before it ever saw a training batch.
         self.register_buffer("tau", torch.full((self.num_heads,), float(init_tau)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self._last_zero_fraction: torch.Tensor | None = None
+        # Zero fraction (a 0-d tensor) of the last forward, or in eval mode its output, counted on demand.
+        self._last: torch.Tensor | None = None
 
     @torch.no_grad()
     def batch_quantile(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,16 +99,19 @@ class STCQuantizer(nn.Module):
             self.update_tau_(x)
         tau = self.tau.to(x.dtype).view(1, self.num_heads, *([1] * (x.dim() - 2)))
         y = stc_quantize(x, tau)
-        with torch.no_grad():
-            self._last_zero_fraction = (y == 0).float().mean()
+        # Training: count now (a scalar; keeping y would hold an activation past backward).
+        # Inference: keep y and count only when asked; decoding never asks, and it runs per token.
+        self._last = (y == 0).float().mean() if self.training else y.detach()
         return y
 
     @property
     def last_zero_fraction(self) -> float:
         """Fraction of entries zeroed by the last forward (nan before the first)."""
-        if self._last_zero_fraction is None:
+        if self._last is None:
             return float("nan")
-        return float(self._last_zero_fraction)
+        if self._last.dim():
+            self._last = (self._last == 0).float().mean()
+        return float(self._last)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, target_sparsity={self.target_sparsity}, momentum={self.momentum}"
