@@ -25,8 +25,11 @@ def test_generate_same_text_from_checkpoint_and_export(cli, toy_run: Path, tmp_p
     tok = load_tokenizer(toy_run / "tokenizer.json")
     ids = torch.tensor([tok.encode("def ")])
     expect = tok.decode(model.generate(ids, 16, greedy=True)[0].tolist())
+    # The CLI packs the checkpoint (ternary_linear + stc_write); --float keeps the training layers.
     g = cli(["generate", str(ckpt), "def ", "-n", "16", "--temperature", "0"])
     assert g.code == 0 and g.out.rstrip("\n") == expect
+    f = cli(["generate", str(ckpt), "def ", "-n", "16", "--temperature", "0", "--float"])
+    assert f.code == 0 and f.out == g.out
 
 
 def test_generate_bad_inputs_exit_2(cli, toy_run: Path, tmp_path: Path) -> None:

@@ -20,12 +20,18 @@ def generate_cmd(
     temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 means greedy."),
     top_k: Optional[int] = typer.Option(40, "--top-k", help="Sample among the k most likely tokens."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (the same seed gives the same text)."),
+    float_layers: bool = typer.Option(False, "--float", help="Decode a checkpoint with its float ternarized layers "
+                                      "(the training forward) instead of packing them for the compiled ops."),
 ) -> None:
-    """Continue PROMPT with a trained model, decoding token by token with a constant-size state."""
+    """Continue PROMPT with a trained model, decoding token by token with a constant-size state.
+
+    Ternary projections run the ternary_linear op on 2-bit packed trits (a checkpoint is packed
+    in memory first, unless --float) and STC memories are written in place by stc_write.
+    """
     import torch
 
     from ternkit.errors import TernkitError
-    from ternkit.export import find_tokenizer, load_model
+    from ternkit.export import find_tokenizer, load_model, pack_model
     from ternkit.train.tokenizer import load_tokenizer
 
     if max_new_tokens < 1:
@@ -39,6 +45,8 @@ def generate_cmd(
     if int(tok.vocab_size) > int(model.config.vocab_size):
         raise TernkitError(f"{tok_path} has {tok.vocab_size} tokens but the model knows {model.config.vocab_size}; "
                            "use the tokenizer the model was trained with.")
+    if info["kind"] == "checkpoint" and not float_layers:
+        pack_model(model, "2bit")
     ids = tok.encode(prompt)
     if not ids:
         raise TernkitError("the prompt encodes to no tokens; pass a non-empty prompt.")
