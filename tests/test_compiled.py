@@ -71,3 +71,18 @@ def test_cuda_sources_compile_without_torch(name: str, tmp_path: Path) -> None:
     res = subprocess.run(["nvcc", "-c", str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert out.stat().st_size > 0
+
+
+def test_truncated_cached_library_is_rebuilt(fresh_registry: Path) -> None:
+    # An interrupted build can leave a broken .so in the cache: loading it fails, so it is rebuilt
+    # (here the rebuild fails on purpose, fast, and the warning names the compiler error, not the .so).
+    src = fresh_registry / "cut_op.cpp"
+    src.write_text('#error "rebuild attempted"\n')
+    key = compiled._build_key("cut_op", [src], compiled._with_cuda())
+    build_dir = compiled.cache_dir() / f"cut_op_{key}"
+    build_dir.mkdir(parents=True)
+    (build_dir / f"ternkit_cut_op_{key}.so").write_bytes(b"not an ELF file")
+    with pytest.warns(UserWarning, match="build failed"):
+        assert compiled.load_op("cut_op") is False
+    assert "rebuild attempted" in compiled.status()[0].detail
+    assert not (build_dir / f"ternkit_cut_op_{key}.so").exists()

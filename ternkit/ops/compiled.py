@@ -156,8 +156,11 @@ def _build_and_load(name: str, key: str, srcs: list[Path], build_dir: Path, cuda
     if so.exists() and not (build_dir / "lock").exists():
         # Built by an earlier process and no build in progress (cpp_extension holds build_dir/lock
         # while compiling): skip ninja's up-to-date check and the compiler probe.
-        torch.ops.load_library(str(so))
-        return
+        try:
+            torch.ops.load_library(str(so))
+            return
+        except (OSError, RuntimeError):
+            so.unlink(missing_ok=True)  # a truncated library from an interrupted build: build it again
     cflags = list(_CXX_FLAGS) + (["-DTERNKIT_WITH_CUDA"] if cuda else [])
     cpp_extension.load(
         name=ext_name,
@@ -175,10 +178,13 @@ def _build_and_load(name: str, key: str, srcs: list[Path], build_dir: Path, cuda
 def _first_line(exc: BaseException) -> str:
     """A one-line reason from a build exception (ninja's output is long; its first error line is what matters)."""
     text = str(exc)
-    for line in text.splitlines():
-        if "error" in line.lower():
-            return line.strip()[:300]
-    return (text.splitlines() or [type(exc).__name__])[0][:300]
+    lines = text.splitlines()
+    # A compiler's own "file:line: error: ..." beats cpp_extension's "Error building extension" header.
+    for pick in (lambda ln: "error:" in ln, lambda ln: "error" in ln.lower()):
+        for line in lines:
+            if pick(line):
+                return line.strip()[:300]
+    return (lines or [type(exc).__name__])[0][:300]
 
 
 def serves(name: str, device_type: str, fake: Callable[..., Any]) -> bool:
