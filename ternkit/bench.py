@@ -369,18 +369,16 @@ def dense_baseline(model: nn.Module) -> nn.Module:
     what the model costs without ternkit's kernels. Returns it in eval mode.
     """
     from ternkit.models.mlstm import MLSTMLayer
-    from ternkit.quant.linear import TernaryLinear
+    from ternkit.quant.linear import latent_ternary_layers, replace_module
 
-    swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, TernaryLinear)]
-    for name, mod in swaps:
+    for name, mod in latent_ternary_layers(model).items():
         cls = _Int8ActLinear if mod.act_bits == 8 else nn.Linear
         lin = cls(mod.in_features, mod.out_features, bias=mod.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(mod.ternary_weight().detach())
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias.detach())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, lin)
+        replace_module(model, name, lin)
     for mod in model.modules():
         if isinstance(mod, MLSTMLayer):
             mod.sparse_decode = False

@@ -92,22 +92,11 @@ def check_tokenizer_fits(tok_path: Path, vocab_size: int, what: str) -> None:
                            "put the tokenizer.json the model was trained with beside the checkpoint.")
 
 
-def _latent_ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from ternkit.quant.linear import TernaryLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
-
-
 def _trits_and_alpha(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 trits (out, in) and float alpha (per row: (out, 1); otherwise ()) of a latent TernaryLinear."""
     trits = layer.trits()
     alpha = layer.scale_of().detach().float()
     return trits, alpha.reshape(trits.shape[0], 1) if layer.scale == "per_row" else alpha.reshape(())
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
@@ -117,22 +106,24 @@ def pack_model(model: nn.Module, fmt: str = "2bit") -> nn.Module:
     The packed layers run :func:`ternkit.ops.ternary_linear.ternary_linear` on the packed trits,
     so this turns a freshly built or trained model into the fast inference model without a file.
     """
+    from ternkit.quant.linear import latent_ternary_layers, replace_module
     from ternkit.quant.packed import PackedTernaryLinear
 
-    for name, layer in _latent_ternary_layers(model).items():
+    for name, layer in latent_ternary_layers(model).items():
         trits, alpha = _trits_and_alpha(layer)
         new = PackedTernaryLinear.from_trits(trits, alpha, layer.bias, fmt, layer.act_bits)
-        _set_submodule(model, name, new.to(layer.weight.device))
+        replace_module(model, name, new.to(layer.weight.device))
     return model.eval()
 
 
 def _swap_in_packed(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    from ternkit.quant.linear import replace_module
     from ternkit.quant.packed import PackedTernaryLinear
 
     for name, meta in layers.items():
         new = PackedTernaryLinear(meta["in"], meta["out"], meta["fmt"], tuple(meta["alpha_shape"]), meta["bias"],
                                   meta["act_bits"])
-        _set_submodule(model, name, new)
+        replace_module(model, name, new)
 
 
 @dataclass
@@ -189,7 +180,9 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     tok = find_tokenizer(ckpt_path, info.get("run_info", {}))
     if tok is not None:
         check_tokenizer_fits(tok, cfg["vocab_size"], f"the model in {ckpt_path}")
-    latent = _latent_ternary_layers(model)
+    from ternkit.quant.linear import latent_ternary_layers
+
+    latent = latent_ternary_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, dict[str, Any]] = {}
     rows = []

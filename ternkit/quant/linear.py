@@ -113,6 +113,17 @@ def ternary_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, mod
 
 
+def latent_ternary_layers(model: nn.Module) -> dict[str, TernaryLinear]:
+    """{qualified name: layer} of every latent-weight :class:`TernaryLinear` in ``model`` (integer-state layers excluded)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model``'s submodule ``name`` (dotted, as in ``named_modules``) was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def swap_linear(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
                 filter_fn: Callable[[nn.Module, str], bool] | None = None, **kwargs: object) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` whose qualified names match ``include`` (fnmatch) and
@@ -141,7 +152,5 @@ def swap_linear(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iter
                     new.bias.copy_(lin.bias)
                 if new.alpha is not None:
                     new.alpha.copy_(2.0 * lin.weight.abs().mean())
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        replace_module(model, name, new)
     return model
