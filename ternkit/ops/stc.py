@@ -1,9 +1,9 @@
 """Sparse Ternary Covariance (STC) ops: the ternary quantizer, the ternary forget gate and the sparse memory write.
 
 All functions here are stateless. ``stc_quantize`` and ``ternary_gate`` are the forward/backward
-rules used in training (straight-through gradients); ``sparse_memory_write`` is the pure-torch
-reference of the inference-time write that skips the zero rows/columns of ``k v^T`` and the
-decay pass when the decay factor is exactly 1.
+rules used in training (straight-through gradients); ``sparse_memory_write`` is the out-of-place
+form of the inference-time write (``ternkit.ops.stc_write``) that skips the zero rows/columns of
+``k v^T`` and the decay pass when the decay factor is exactly 1.
 """
 
 from __future__ import annotations
@@ -95,11 +95,6 @@ def ternary_gate(f_preact: torch.Tensor) -> torch.Tensor:
     return _TernaryGate.apply(f_preact)
 
 
-def _nonzero_index(x: torch.Tensor) -> torch.Tensor:
-    """Indices (1-D, long) of the non-zero entries of a 1-D tensor."""
-    return torch.nonzero(x, as_tuple=True)[0]
-
-
 @torch.no_grad()
 def sparse_memory_write(
     C: torch.Tensor,
@@ -112,19 +107,20 @@ def sparse_memory_write(
     """One-token STC memory write: C (B, NH, DH, DH), n (B, NH, DH) -> C * f' + i' k v^T, n * f' + i' k, counts.
 
     ``k`` and ``v`` (B, NH, DH) are ternary-quantized (mostly zeros); ``f_scale`` and ``i_scale``
-    (B, NH) are the stabilized decay f' and input scale i' of this step. For every (batch, head)
-    only the nnz(k) x nnz(v) entries of C where k_r v_c can be non-zero are written (gather the
-    non-zero indices, add the small outer product, scatter back), and the decay pass over C and n
-    is skipped where f' == 1 exactly. The result equals the dense update bit for bit, because
-    each touched entry is computed with the same expression ``C * f' + i' * (k_r * v_c)`` and an
-    untouched entry receives ``+ 0`` in the dense form.
+    (B, NH) are the stabilized decay f' and input scale i' of this step, all float32. For every
+    (batch, head) only the nnz(k) x nnz(v) entries of C where k_r v_c can be non-zero are
+    written, and the decay pass over C and n is skipped where f' == 1 exactly; the result equals
+    the dense update bit for bit (see :mod:`ternkit.ops.stc_write` for the exact expressions).
 
-    Inputs are not modified; new tensors are returned. This is a reference implementation (a
-    Python loop over B * NH), written for clarity; it records no autograd graph.
+    Inputs are not modified: this is the out-of-place form of
+    :func:`ternkit.ops.stc_write.stc_write` (the compiled op or its twin) on copies of C and n.
+    It records no autograd graph.
 
     Returns ``(C, n, stats)`` where stats = {"total": entries of C, "written": entries of C
     written, "decayed": entries of C rescaled} as Python ints (see :func:`skip_fraction`).
     """
+    from ternkit.ops.stc_write import stc_write
+
     if C.dim() != 4 or C.shape[-1] != C.shape[-2]:
         raise TernkitError(f"sparse_memory_write expects C of shape (B, NH, DH, DH), got {tuple(C.shape)}.")
     B, NH, DH, _ = C.shape
@@ -132,30 +128,10 @@ def sparse_memory_write(
                            ("f_scale", f_scale, (B, NH)), ("i_scale", i_scale, (B, NH))):
         if tuple(t.shape) != shape:
             raise TernkitError(f"sparse_memory_write expects {name} of shape {shape}, got {tuple(t.shape)}.")
-
-    C_out = C.clone().reshape(B * NH, DH, DH)
-    n_out = n.clone().reshape(B * NH, DH)
-    k2, v2 = k.reshape(B * NH, DH), v.reshape(B * NH, DH)
-    f2, i2 = f_scale.reshape(B * NH), i_scale.reshape(B * NH)
-    written = decayed = 0
-    for bh in range(B * NH):
-        fs, is_ = f2[bh], i2[bh]
-        rows, cols = _nonzero_index(k2[bh]), _nonzero_index(v2[bh])
-        if bool(fs != 1):
-            C_out[bh].mul_(fs)
-            n_out[bh].mul_(fs)
-            decayed += DH * DH
-        if rows.numel() == 0:
-            continue
-        n_out[bh, rows] += is_ * k2[bh, rows]
-        if cols.numel() == 0:
-            continue
-        kr, vc = k2[bh, rows], v2[bh, cols]
-        block = C_out[bh][rows[:, None], cols[None, :]]
-        C_out[bh].index_put_((rows[:, None], cols[None, :]), block + is_ * (kr[:, None] * vc[None, :]))
-        written += rows.numel() * cols.numel()
-    stats = {"total": B * NH * DH * DH, "written": int(written), "decayed": int(decayed)}
-    return C_out.reshape(B, NH, DH, DH), n_out.reshape(B, NH, DH), stats
+    C_out = C.clone(memory_format=torch.contiguous_format)
+    n_out = n.clone(memory_format=torch.contiguous_format)
+    stats = stc_write(C_out, n_out, k.contiguous(), v.contiguous(), i_scale.contiguous(), f_scale.contiguous())
+    return C_out, n_out, stats
 
 
 def skip_fraction(stats: dict[str, int]) -> float:
