@@ -20,7 +20,7 @@ from torch import nn
 __all__ = ["interleaved", "interleaved_per_call", "machine_info", "bench_moe_vs_dense", "bench_kernels", "bench_stc",
            "bench_generate", "stc_like", "KERNEL_GOALS", "STC_WRITE_GOAL", "GENERATE_GOAL"]
 
-#: Issue 6's goals (candidate speed-up over the fp32 torch baseline in the same run).
+#: Speed goals of the compiled ops: candidate speed-up over the fp32 torch baseline in the same run.
 KERNEL_GOALS: dict[int, float] = {1: 8.0, 8: 2.0}  # batch -> ternary_linear vs F.linear
 STC_WRITE_GOAL: tuple[float, float] = (0.10, 10.0)  # (density, write-alone speed-up over the dense update)
 GENERATE_GOAL = 3.0  # decode tokens/s of the packed model over the fp32 model
@@ -107,11 +107,12 @@ def bench_moe_vs_dense(experts: int = 12, top_k: int = 3, d_model: int = 256, hi
     E / k and the max |difference| of the two outputs (they agree in dropless mode).
     """
     from ternkit.models.moe import MoEConfig, MoEFFN
+    from ternkit.quant.spec import TernarySpec
 
     if mode not in ("fwd", "fwdbwd"):
         raise ValueError(f"mode must be 'fwd' or 'fwdbwd', got {mode!r}")
     torch.manual_seed(seed)
-    block = MoEFFN(d_model, MoEConfig(experts=experts, top_k=top_k, hidden=hidden, ternary=ternary))
+    block = MoEFFN(d_model, MoEConfig(experts=experts, top_k=top_k, hidden=hidden), TernarySpec() if ternary else None)
     x = torch.randn(1, tokens, d_model)
     r = torch.randn(1, tokens, d_model)
     if mode == "fwd":
@@ -176,7 +177,7 @@ def bench_kernels(out_features: int = 4096, in_features: int = 4096, batches: tu
     One case per (batch, act_bits): ``act_bits=8`` quantizes activations per token to int8 inside
     the kernel (what a ``act_bits=8`` model runs), ``None`` keeps them float. Both sides see the
     same x; ``ratio`` = F.linear time / ternary_linear time (> 1: ternary faster), ``goal`` the
-    issue's target for that batch (None: report only). ``max_abs_diff`` compares the op with
+    speed goal for that batch (None: report only). ``max_abs_diff`` compares the op with
     its pure-torch twin on the same input (the twin defines the numbers), ``vs_dense`` the
     relative max difference to F.linear (0 up to rounding with float activations).
     """
@@ -387,13 +388,13 @@ def dense_baseline(model: nn.Module) -> nn.Module:
 
 def generate_model_config(d_model: int = 1024, blocks: int = 6, ffn: str = "none", vocab_size: int = 256,
                           heads: int = 4) -> Any:
-    """The issue's decode-speed model: ternary up/qkv/down, STC sparse memory, ternary gate, int8 activations."""
-    from ternkit.models.config import XLSTMLMConfig
+    """The decode-speed model: ternary up/qkv/down, STC sparse memory, ternary gate, int8 activations."""
+    from ternkit.models.config import ModelConfig
 
-    ternary = ("up", "qkv", "down") + (("ffn",) if ffn == "ternary" else ())
-    return XLSTMLMConfig(vocab_size=vocab_size, d_model=d_model, n_blocks=blocks, n_heads=heads, ternary=ternary,
-                         memory_backend="stc_sparse", gate_mode="ternary", act_bits=8, ffn=ffn,
-                         context_length=4096)
+    ternary = ["up", "qkv", "down"] + (["ffn"] if ffn == "ternary" else [])
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_blocks=blocks, n_heads=heads,
+                       ternary_projections=ternary, quant={"act_bits": 8}, memory_backend="stc_sparse",
+                       gate_mode="ternary", ffn=ffn, context_length=4096, tie_embeddings=False)
 
 
 def _timed_stream(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:

@@ -23,10 +23,10 @@ _TOKENIZER = "tokenizer.json"
 
 
 def _model_from_config(cfg: dict[str, Any]) -> nn.Module:
-    from ternkit.models.config import XLSTMLMConfig
+    from ternkit.models.config import ModelConfig
     from ternkit.models.lm import XLSTMLM
 
-    return XLSTMLM(XLSTMLMConfig.from_dict(cfg))
+    return XLSTMLM(ModelConfig.from_dict(cfg))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -16,14 +16,16 @@ import copy
 import difflib
 import os
 import sys
-import types
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union, get_args, get_origin
+from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ternkit.errors import TernkitError
+from ternkit.models.config import PROJECTIONS, ModelConfig, MoEConfig
+from ternkit.quant.spec import TernarySpec
+from ternkit.schema import Section, model_in, one_sentence
 
 __all__ = [
     "Recipe",
@@ -47,90 +49,10 @@ __all__ = [
     "resolve_recipe",
 ]
 
-Projection = Literal["up", "qkv", "down", "ffn", "head"]
-FfnKind = Literal["none", "dense", "ternary", "moe"]
-PROJECTIONS: tuple[str, ...] = get_args(Projection)
-
-
-class _Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# ----------------------------------------------------------------------------------------- model
-
-
-class MoEConfig(_Section):
-    """Top-k Mixture-of-Experts FFN settings (used by blocks whose ``ffn`` kind is ``"moe"``)."""
-
-    experts: int = Field(12, ge=1, description="number of routed experts")
-    top_k: int = Field(3, ge=1, description="experts each token is sent to")
-    hidden: int | None = Field(None, ge=1, description="expert hidden width; None -> ffn_factor * d_model / top_k")
-    renormalize: bool = Field(True, description="renormalise the top-k gate weights to sum to 1")
-    jitter: float = Field(0.0, ge=0.0, description="multiplicative router input noise during training")
-    aux_loss_weight: float = Field(0.01, ge=0.0, description="Switch load-balance loss weight")
-    z_loss_weight: float = Field(1e-3, ge=0.0, description="ST-MoE router z-loss weight")
-    balancing: Literal["aux_loss", "aux_free"] = Field("aux_loss", description="aux loss, or DeepSeek-V3 bias balancing")
-    bias_update_rate: float = Field(1e-3, ge=0.0, description="per-step bias update for aux_free balancing")
-    capacity_factor: float = Field(0.0, ge=0.0, description="0 = dropless; >0 caps tokens per expert")
-    shared_expert: bool = Field(False, description="add one always-on expert")
-
-    @model_validator(mode="after")
-    def _top_k_fits(self) -> "MoEConfig":
-        if self.top_k > self.experts:
-            raise ValueError(f"model.moe.top_k ({self.top_k}) must not exceed model.moe.experts ({self.experts})")
-        return self
-
-
-class ModelConfig(_Section):
-    """The network: an xLSTM/mLSTM block stack with optional ternary projections, STC memory and MoE FFNs.
-
-    ``ternary_projections`` names the weight groups that are ternarized: ``up``/``qkv``/``down`` are the
-    mLSTM layer's projections, ``head`` the LM head, ``ffn`` the experts of ``moe`` blocks. An ``ffn``
-    kind of ``"ternary"`` is always a ternary FFN and ``"dense"`` always a full-precision one.
-    """
-
-    arch: Literal["xlstm_lm"] = "xlstm_lm"
-    d_model: int = Field(128, ge=1)
-    n_blocks: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
-    vocab_size: int | None = Field(None, ge=2, description="None -> taken from the tokenizer or synthetic task")
-    context_length: int = Field(128, ge=2)
-    tie_embeddings: bool = True
-    proj_factor: float = Field(2.0, gt=0.0, description="mLSTM up-projection factor")
-    conv_kernel: int = Field(4, ge=1)
-    qkv_blocksize: int = Field(4, ge=1)
-    chunk_size: int = Field(64, ge=1, description="chunkwise-parallel mLSTM chunk length")
-    gate_mode: Literal["sigmoid", "ternary"] = "sigmoid"
-    memory_backend: Literal["dense", "stc_sparse"] = "dense"
-    target_sparsity: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of zero trits the STC memory aims at")
-    forget_bias_init: tuple[float, float] = Field(
-        (3.0, 6.0), description="(start, end) of the forget-gate bias linspace over heads; ~0.5 for a ternary gate to learn")
-    ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])
-    ffn: FfnKind | list[FfnKind] = Field("none", description="one kind for every block, or one per block")
-    ffn_factor: float = Field(2.667, gt=0.0)
-    moe: MoEConfig = Field(default_factory=MoEConfig)
-
-    @model_validator(mode="after")
-    def _shapes_fit(self) -> "ModelConfig":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
-        if isinstance(self.ffn, list) and len(self.ffn) != self.n_blocks:
-            raise ValueError(
-                f"model.ffn lists {len(self.ffn)} kinds but model.n_blocks is {self.n_blocks}; give one per block or a single kind"
-            )
-        return self
-
-    def ffn_kinds(self) -> list[str]:
-        """The FFN kind of each block, length ``n_blocks``."""
-        return list(self.ffn) if isinstance(self.ffn, list) else [self.ffn] * self.n_blocks
-
-    def is_ternary(self, projection: str) -> bool:
-        """Whether the weight group ``projection`` (one of ``PROJECTIONS``) is ternarized."""
-        if projection not in PROJECTIONS:
-            raise ValueError(f"unknown projection {projection!r}; expected one of {PROJECTIONS}")
-        return self.ternary_projections == "all" or projection in self.ternary_projections
+_Section = Section
+#: The pre-unification place of the ternary-layer settings; a recipe's top-level ``quant:`` still
+#: works and lands in ``model.quant``, the one place the setting lives.
+_LEGACY_QUANT = "quant"
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -268,12 +190,7 @@ class TrainerConfig(_Section):
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-class QuantConfig(_Section):
-    """How ternary weights are scaled, and whether activations are quantized (BitNet: int8 absmax per token)."""
-
-    scale: Literal["absmean", "per_row", "lsq", "group"] = "absmean"
-    act_bits: Literal[8] | None = None
-    group_size: int = Field(32, ge=1, description="input columns per scale group for scale=group")
+QuantConfig = TernarySpec
 
 
 class LoggingConfig(_Section):
@@ -304,7 +221,6 @@ class Recipe(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -314,6 +230,11 @@ class Recipe(_Section):
         if not v or "/" in v or "\\" in v or v in (".", ".."):
             raise ValueError(f"name {v!r} must be a plain folder name (no slashes)")
         return v
+
+    @property
+    def quant(self) -> TernarySpec:
+        """The ternary-layer settings, which live in ``model.quant``."""
+        return self.model.quant
 
     @property
     def run_dir(self) -> Path:
@@ -345,50 +266,6 @@ class Recipe(_Section):
 
 # ------------------------------------------------------------------------------- error messages
 
-_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
-_SINGULAR = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-# Constraint errors whose own message is better than a type description.
-_CONSTRAINT_ERRORS = {
-    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
-    "too_short", "too_long", "string_too_short", "string_too_long",
-}
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model class inside ``annotation`` (possibly wrapped in Optional), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) in (Union, types.UnionType):
-        for arg in get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _describe(tp: Any) -> str:
-    """Plain-words description of a type annotation, e.g. "an integer or null"."""
-    if tp is type(None):
-        return "null"
-    if tp in _SINGULAR:
-        return _SINGULAR[tp]
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "a mapping of keys"
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(a) for a in args))
-    if origin is Literal:
-        vals = ", ".join(repr(a) for a in args)
-        return vals if len(args) == 1 else f"one of {vals}"
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return f"a list of {len(args)} {_PLURAL.get(args[0], 'values')}"
-    if origin in (list, tuple):
-        inner = args[0] if args else Any
-        if get_origin(inner) is Literal:
-            return "a list drawn from " + ", ".join(repr(a) for a in get_args(inner))
-        return f"a list of {_PLURAL.get(inner, 'values')}"
-    return getattr(tp, "__name__", str(tp))
-
 
 def _field_names(cls: type[BaseModel]) -> list[str]:
     return list(cls.model_fields)
@@ -397,7 +274,7 @@ def _field_names(cls: type[BaseModel]) -> list[str]:
 def _all_leaf_paths(cls: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, info in cls.model_fields.items():
-        sub = _model_in(info.annotation)
+        sub = model_in(info.annotation)
         path = f"{prefix}{name}"
         out.append(path)
         if sub is not None:
@@ -422,73 +299,38 @@ def _check_unknown_keys(raw: dict[str, Any], cls: type[BaseModel], source: str, 
     for key, value in raw.items():
         if not isinstance(key, str) or key not in cls.model_fields:
             raise TernkitError(f"{source}: unknown key '{prefix}{key}'{_suggest(str(key), cls, prefix)}")
-        sub = _model_in(cls.model_fields[key].annotation)
+        sub = model_in(cls.model_fields[key].annotation)
         if sub is not None and isinstance(value, dict):
             _check_unknown_keys(value, sub, source, f"{prefix}{key}.")
+
+
+def _move_legacy_quant(raw: dict[str, Any], source: str) -> None:
+    """Move a top-level ``quant:`` section into ``model.quant`` in place (one place for the setting)."""
+    if _LEGACY_QUANT not in raw:
+        return
+    quant = raw.pop(_LEGACY_QUANT)
+    model = raw.get("model")
+    if model is None:
+        model = raw["model"] = {}
+    if not isinstance(model, dict):
+        return  # validation names the bad model section
+    if model.get("quant") not in (None, {}) and quant not in (None, {}) and model.get("quant") != quant:
+        raise TernkitError(f"{source}: both 'quant' and 'model.quant' are set; keep one (model.quant is the place).")
+    if quant is not None and not model.get("quant"):
+        model["quant"] = quant
 
 
 def _empty_sections_to_dicts(raw: dict[str, Any], cls: type[BaseModel]) -> None:
     """Treat a section written with nothing under it (``trainer:`` -> None) as an empty mapping, in place."""
     for key, value in list(raw.items()):
         info = cls.model_fields.get(key) if isinstance(key, str) else None
-        sub = _model_in(info.annotation) if info is not None else None
+        sub = model_in(info.annotation) if info is not None else None
         if sub is None:
             continue
         if value is None:
             raw[key] = {}
         elif isinstance(value, dict):
             _empty_sections_to_dicts(value, sub)
-
-
-def _loc_to_field(loc: tuple[Any, ...]) -> tuple[str, Any]:
-    """Map a pydantic error location to (dotted field path, field annotation); union tags and list indices fold into the field."""
-    cls: type[BaseModel] | None = Recipe
-    parts: list[str] = []
-    annotation: Any = Recipe
-    for seg in loc:
-        if cls is not None and isinstance(seg, str) and seg in cls.model_fields:
-            parts.append(seg)
-            annotation = cls.model_fields[seg].annotation
-            cls = _model_in(annotation)
-            continue
-        break
-    return ".".join(parts), annotation
-
-
-def _lookup(raw: Any, path: str) -> Any:
-    cur = raw
-    for part in path.split(".") if path else []:
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def _one_sentence(exc: ValidationError, raw: dict[str, Any], source: str, overridden: dict[str, str]) -> str:
-    """Turn a pydantic ValidationError into one sentence naming the key and what it must be."""
-    errors = exc.errors(include_url=False)
-    seen: dict[str, str] = {}
-    for err in errors:
-        path, annotation = _loc_to_field(tuple(err["loc"]))
-        if path in seen:  # a union reports once per member; one sentence per key is enough
-            continue
-        etype = err["type"]
-        msg = str(err.get("msg", ""))
-        if etype in ("value_error", "assertion_error"):
-            text = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        elif etype == "missing":
-            text = f"'{path}' is required"
-        elif etype in _CONSTRAINT_ERRORS:
-            got = err.get("input")
-            text = f"'{path}' must be {msg.removeprefix('Input should be ').removeprefix('Value should have ')}, got {got!r}"
-        else:
-            got = _lookup(raw, path) if path else raw
-            text = f"'{path}' must be {_describe(annotation)}, got {got!r}"
-        where = next((f"--set {overridden[p]}" for p in overridden if path == p or path.startswith(p + ".") or p.startswith(path + ".")), None)
-        seen[path] = f"{where or source}: {text}"
-    first = next(iter(seen.values()))
-    more = len(seen) - 1
-    return first.rstrip(".") + (f" (and {more} more)." if more else ".")
 
 
 # ------------------------------------------------------------------------------------ overrides
@@ -500,6 +342,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         raise TernkitError(f"--set expects key=value (e.g. --set trainer.max_steps=200), got {item!r}.")
     key, _, text = item.partition("=")
     key = key.strip()
+    if key == _LEGACY_QUANT or key.startswith(_LEGACY_QUANT + "."):
+        key = "model." + key  # quant.scale=... means model.quant.scale=...
     parts = key.split(".")
     if not key or any(not p for p in parts):
         raise TernkitError(f"--set {item}: {key!r} is not a dotted key like trainer.max_steps.")
@@ -518,7 +362,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         if i == len(parts) - 1:
             cur[part] = value
             break
-        cls = _model_in(cls.model_fields[part].annotation)
+        cls = model_in(cls.model_fields[part].annotation)
         nxt = cur.get(part)
         if not isinstance(nxt, dict):
             nxt = {}
@@ -581,6 +425,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source:
     if not isinstance(raw, dict):
         raise TernkitError(f"{source}: a recipe must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}.")
     raw = copy.deepcopy(raw)  # the caller's dict stays untouched
+    _move_legacy_quant(raw, source)
     _check_unknown_keys(raw, Recipe, source)
     _empty_sections_to_dicts(raw, Recipe)
     overridden: dict[str, str] = {}
@@ -589,7 +434,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise TernkitError(_one_sentence(exc, raw, source, overridden)) from None
+        raise TernkitError(one_sentence(exc, Recipe, raw, source, overridden)) from None
 
 
 def load_recipe(path_or_name: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Recipe:

@@ -125,7 +125,8 @@ def test_bench_stc_tiny_counts_and_exactness() -> None:
 def _tiny_lm(act_bits: int | None = 8):
     from ternkit.models.lm import XLSTMLM
 
-    cfg = dataclasses.replace(generate_model_config(d_model=32, blocks=2, vocab_size=64), act_bits=act_bits)
+    base = generate_model_config(d_model=32, blocks=2, vocab_size=64)
+    cfg = base.model_copy(update={"quant": base.quant.model_copy(update={"act_bits": act_bits})})
     torch.manual_seed(0)
     return XLSTMLM(cfg)
 

@@ -11,46 +11,45 @@ import torch
 import torch.nn.functional as F
 
 from ternkit.errors import TernkitError
-from ternkit.models.config import MLSTMLayerConfig, XLSTMLMConfig
+from ternkit.models.config import ModelConfig, migrate_model_config
 from ternkit.models.lm import XLSTMLM
 from ternkit.models.mlstm import BlockDiagonalLinear, MLSTMLayer
 from ternkit.quant.linear import TernaryLinear
 
 
-def _cfg(**kw: object) -> XLSTMLMConfig:
-    base: dict[str, object] = dict(vocab_size=37, d_model=32, n_blocks=2, n_heads=2, context_length=64, chunk_size=8)
+def _cfg(**kw: object) -> ModelConfig:
+    base: dict[str, object] = dict(vocab_size=37, d_model=32, n_blocks=2, n_heads=2, context_length=64, chunk_size=8,
+                                   tie_embeddings=False, ternary_projections=[])
     base.update(kw)
-    return XLSTMLMConfig(**base)  # type: ignore[arg-type]
+    return ModelConfig.from_dict(base)
 
 
 # --- configs -----------------------------------------------------------------------------------------
 
 
 def test_config_round_trip_json() -> None:
-    cfg = _cfg(ffn=["dense", "moe"], moe={"experts": 4, "top_k": 2, "hidden": 16}, ternary={"up": True, "qkv": True,
-               "head": True, "down": False}, gate_mode="ternary", memory_backend="stc_sparse", act_bits=8,
-               ternary_scale="group", ternary_group_size=8, forget_bias_init=(0.5, 0.5))
+    cfg = _cfg(ffn=["dense", "moe"], moe={"experts": 4, "top_k": 2, "hidden": 16},
+               ternary_projections=["head", "qkv", "up"], gate_mode="ternary", memory_backend="stc_sparse",
+               quant={"act_bits": 8, "scale": "group", "group_size": 8}, forget_bias_init=(0.5, 0.5))
     d = json.loads(json.dumps(cfg.to_dict()))
-    assert XLSTMLMConfig.from_dict(d) == cfg
+    assert ModelConfig.from_dict(d) == cfg
     assert cfg.ternary == ("up", "qkv", "head")
-    assert XLSTMLMConfig.from_json(cfg.to_json()) == cfg
-    lc = cfg.layer_config()
-    assert MLSTMLayerConfig.from_dict(lc.to_dict()) == lc
-    assert lc.ternary == ("up", "qkv") and lc.inner_dim == 64 and lc.head_dim == 32
-    assert (lc.ternary_group_size, lc.forget_bias_init) == (8, (0.5, 0.5))
-    d.pop("ternary_group_size")  # configs saved before the key existed still load, with the default
-    assert XLSTMLMConfig.from_dict(d).ternary_group_size == 32
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.inner_dim == 64 and cfg.head_dim == 32
+    assert (cfg.quant.group_size, cfg.forget_bias_init) == (8, (0.5, 0.5))
+    d["quant"].pop("group_size")  # configs saved before the key existed still load, with the default
+    assert ModelConfig.from_dict(d).quant.group_size == 32
 
 
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(TernkitError, match="'colour'"):
-        XLSTMLMConfig.from_dict({"vocab_size": 10, "colour": "red"})
+        ModelConfig.from_dict({"vocab_size": 10, "colour": "red"})
     with pytest.raises(TernkitError, match="vocab_size"):
-        XLSTMLMConfig.from_dict({"d_model": 10})
+        ModelConfig.from_dict({"d_model": 10})
     with pytest.raises(TernkitError, match="gate_mode"):
         _cfg(gate_mode="relu")
     with pytest.raises(TernkitError, match="'mlp'"):
-        _cfg(ternary=["mlp"])
+        _cfg(ternary_projections=["mlp"])
     with pytest.raises(TernkitError, match="n_blocks"):
         _cfg(ffn=["dense"])
     with pytest.raises(TernkitError, match="n_heads"):
@@ -61,7 +60,7 @@ def test_config_errors_name_the_key() -> None:
 
 
 def test_layer_parameter_count_matches_xlstm_layout() -> None:
-    lc = MLSTMLayerConfig(d_model=32, n_heads=2)
+    lc = ModelConfig(d_model=32, n_heads=2, n_blocks=1, ternary_projections=[])
     layer = MLSTMLayer(lc)
     d, inner, nh, k, bs = 32, 64, 2, 4, 4
     expected = (d * 2 * inner          # up-projection (x_mlstm, z)
@@ -79,7 +78,7 @@ def test_layer_parameter_count_matches_xlstm_layout() -> None:
 
 
 def test_ternary_projections_are_ternary_linear() -> None:
-    m = XLSTMLM(_cfg(ternary=["up", "qkv", "down", "head"], ffn="dense"))
+    m = XLSTMLM(_cfg(ternary_projections=["up", "qkv", "down", "head"], ffn="dense"))
     layer = m.blocks[0].mlstm
     for proj in (layer.proj_up, layer.q_proj, layer.k_proj, layer.v_proj, layer.proj_down):
         assert isinstance(proj, TernaryLinear)
@@ -93,14 +92,14 @@ def test_ternary_projections_are_ternary_linear() -> None:
 def test_group_scale_layers_take_the_configured_group_size() -> None:
     from ternkit.quant.group import GroupTernaryLinear
 
-    cfg = _cfg(ternary=("up", "qkv", "down", "ffn", "head"), ternary_scale="group", ternary_group_size=8,
+    cfg = _cfg(ternary_projections=["up", "qkv", "down", "ffn", "head"], quant={"scale": "group", "group_size": 8},
                ffn="dense")
     m = XLSTMLM(cfg)
     groups = [mod for mod in m.modules() if isinstance(mod, GroupTernaryLinear)]
     assert len(groups) == cfg.n_blocks * 7 + 1 and {g.group_size for g in groups} == {8}
-    assert XLSTMLM(_cfg(ternary=("up",), ternary_scale="group")).blocks[0].mlstm.proj_up.group_size == 32
-    with pytest.raises(TernkitError, match="ternary_group_size"):
-        _cfg(ternary_group_size=0)
+    assert XLSTMLM(_cfg(ternary_projections=["up"], quant={"scale": "group"})).blocks[0].mlstm.proj_up.group_size == 32
+    with pytest.raises(TernkitError, match="group_size"):
+        _cfg(quant={"group_size": 0})
 
 
 def test_tied_embeddings_share_weight_and_count_once() -> None:
@@ -119,7 +118,7 @@ def test_tied_embeddings_share_weight_and_count_once() -> None:
 def test_forward_backward_shapes_and_finite(gate_mode: str, backend: str) -> None:
     torch.manual_seed(0)
     m = XLSTMLM(_cfg(gate_mode=gate_mode, memory_backend=backend, ffn=["dense", "ternary"],
-                     ternary=["up", "qkv", "down"]))
+                     ternary_projections=["up", "qkv", "down"]))
     tokens = torch.randint(0, 37, (3, 19))
     logits = m(tokens)
     assert logits.shape == (3, 19, 37)
@@ -140,7 +139,7 @@ def test_dense_sigmoid_layer_is_the_plain_mlstm() -> None:
     from ternkit.ops.mlstm import mlstm_recurrent
 
     torch.manual_seed(1)
-    layer = MLSTMLayer(MLSTMLayerConfig(d_model=16, n_heads=2, chunk_size=4))
+    layer = MLSTMLayer(ModelConfig(d_model=16, n_heads=2, chunk_size=4, n_blocks=1, ternary_projections=[]))
     x = torch.randn(2, 11, 16)
     captured: dict[str, torch.Tensor] = {}
     orig = layer._output
@@ -176,7 +175,7 @@ def _trained_tau(m: XLSTMLM, tokens: torch.Tensor) -> None:
                                                ("sigmoid", "stc_sparse"), ("ternary", "stc_sparse")])
 def test_step_and_prefill_match_forward(gate_mode: str, backend: str) -> None:
     torch.manual_seed(2)
-    m = XLSTMLM(_cfg(gate_mode=gate_mode, memory_backend=backend, ffn=["none", "dense"], ternary=["up", "down"]))
+    m = XLSTMLM(_cfg(gate_mode=gate_mode, memory_backend=backend, ffn=["none", "dense"], ternary_projections=["up", "down"]))
     tokens = torch.randint(0, 37, (2, 13))
     _trained_tau(m, tokens)
     with torch.no_grad():
@@ -268,8 +267,9 @@ def _train_stc_lm(steps: int, d_model: int, seed: int = 0, batch: int = 16,
                   ctx: int = 64) -> tuple[list[float], XLSTMLM]:
     torch.manual_seed(seed)
     data = _corpus(32_000)
-    cfg = XLSTMLMConfig(vocab_size=256, d_model=d_model, n_blocks=2, n_heads=2, context_length=64, chunk_size=32,
-                        gate_mode="ternary", memory_backend="stc_sparse", ternary=["up", "qkv", "down"])
+    cfg = ModelConfig(vocab_size=256, d_model=d_model, n_blocks=2, n_heads=2, context_length=64, chunk_size=32,
+                      gate_mode="ternary", memory_backend="stc_sparse", ternary_projections=["up", "qkv", "down"],
+                      tie_embeddings=False)
     m = XLSTMLM(cfg)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)

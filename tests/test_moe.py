@@ -17,6 +17,14 @@ from torch import nn
 
 from ternkit.errors import TernkitError
 from ternkit.models.moe import MoEConfig, MoEFFN, SwiGLUExpert, moe_modules, update_moe_biases
+from ternkit.quant.spec import TernarySpec
+
+
+def _moe(d_model: int, ternary: bool = True, ternary_scale: str = "absmean", act_bits: int | None = None,
+         ternary_group_size: int = 32, **cfg: object) -> MoEFFN:
+    """A MoE FFN whose experts are ternary layers of that spec (float when ``ternary`` is False)."""
+    spec = TernarySpec(scale=ternary_scale, act_bits=act_bits, group_size=ternary_group_size) if ternary else None
+    return MoEFFN(d_model, MoEConfig(**cfg), spec)
 
 STAT_KEYS = {"tokens_per_expert", "load_imbalance", "aux_loss", "z_loss", "router_entropy", "dropped_frac"}
 
@@ -45,7 +53,7 @@ def naive_moe(m: MoEFFN, x: torch.Tensor) -> torch.Tensor:
 
 def _twin(m: MoEFFN) -> MoEFFN:
     """An independent copy of ``m`` (same config, same state)."""
-    t = MoEFFN(m.d_model, MoEConfig.from_dict(m.cfg.to_dict()))
+    t = MoEFFN(m.d_model, MoEConfig.from_dict(m.cfg.to_dict()), m.spec, hidden=m.hidden)
     t.load_state_dict(m.state_dict())
     return t
 
@@ -57,8 +65,7 @@ def _grads(m: nn.Module) -> dict[str, torch.Tensor]:
 def _cyclic_router(E: int, k: int, experts_cfg: dict | None = None, reps: int = 2, scale: float = 1.0):
     """Block with D = E, router = identity, tokens whose logits are -(i - t mod E) mod E: token t picks
     experts t, t+1, ..., t+k-1 (mod E), so each expert gets the same load and mean probability."""
-    cfg = MoEConfig(experts=E, top_k=k, hidden=4, ternary=False, **(experts_cfg or {}))
-    m = MoEFFN(E, cfg)
+    m = _moe(E, ternary=False, experts=E, top_k=k, hidden=4, **(experts_cfg or {}))
     with torch.no_grad():
         m.router.weight.copy_(torch.eye(E))
     T = E * reps
@@ -77,22 +84,22 @@ def test_config_roundtrip_and_errors() -> None:
     assert cfg.aux_loss_weight == 0.01
     assert MoEConfig(balancing="aux_free").aux_loss_weight == 0.0
     assert MoEConfig(balancing="aux_free", aux_loss_weight=1e-4).aux_loss_weight == 1e-4
-    with pytest.raises(TernkitError, match="unknown moe config key"):
+    with pytest.raises(TernkitError, match="unknown key 'expert'"):
         MoEConfig.from_dict({"expert": 4})
     with pytest.raises(TernkitError, match="top_k"):
-        MoEConfig(experts=4, top_k=5)
+        MoEConfig.from_dict({"experts": 4, "top_k": 5})
     with pytest.raises(TernkitError, match="balancing"):
-        MoEConfig(balancing="sinkhorn")
+        MoEConfig.from_dict({"balancing": "sinkhorn"})
     with pytest.raises(TernkitError, match="capacity_factor"):
-        MoEConfig(capacity_factor=-1.0)
-    with pytest.raises(TernkitError, match="ternary_group_size"):
-        MoEConfig(ternary_group_size=0)
-    g = MoEConfig(experts=2, top_k=1, hidden=24, ternary_scale="group", ternary_group_size=8)
-    assert MoEConfig.from_dict(g.to_dict()) == g and MoEConfig().ternary_group_size == 32
-    experts = MoEFFN(16, g)
+        MoEConfig.from_dict({"capacity_factor": -1.0})
+    with pytest.raises(TernkitError, match="group_size"):
+        TernarySpec.from_dict({"group_size": 0})
+    g = MoEConfig(experts=2, top_k=1, hidden=24)
+    assert MoEConfig.from_dict(g.to_dict()) == g and TernarySpec().group_size == 32
+    experts = MoEFFN(16, g, TernarySpec(scale="group", group_size=8))
     assert {(type(lin).__name__, lin.group_size, lin.n_groups) for lin in experts.modules() if hasattr(lin, "n_groups")} \
         == {("GroupTernaryLinear", 8, 2), ("GroupTernaryLinear", 8, 3)}  # w1/w3 read 16 columns, w2 reads 24
-    m = MoEFFN(8, MoEConfig(experts=4, top_k=2, hidden=8))
+    m = _moe(8, experts=4, top_k=2, hidden=8)
     with pytest.raises(TernkitError, match="mask"):
         m(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
 
@@ -112,7 +119,7 @@ def test_config_roundtrip_and_errors() -> None:
 def test_dispatch_matches_naive_forward_and_backward(opts: dict) -> None:
     torch.manual_seed(0)
     D = 16
-    m1 = MoEFFN(D, MoEConfig(experts=6, top_k=2, hidden=24, **opts))
+    m1 = _moe(D, experts=6, top_k=2, hidden=24, **opts)
     with torch.no_grad():
         m1.router.weight.normal_(0, 0.5)  # a decisive router: no near-ties in the top-k
         m1.expert_bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.05, 0.0, -0.05]))
@@ -140,7 +147,7 @@ def test_dispatch_matches_naive_forward_and_backward(opts: dict) -> None:
 
 def test_freeze_matches_training_forward_and_train_clears_cache() -> None:
     torch.manual_seed(1)
-    m = MoEFFN(16, MoEConfig(experts=4, top_k=2, hidden=16, act_bits=8))
+    m = _moe(16, experts=4, top_k=2, hidden=16, act_bits=8)
     x = torch.randn(2, 5, 16)
     m.eval()
     with torch.no_grad():
@@ -191,8 +198,8 @@ def test_z_loss_and_entropy_by_hand() -> None:
 def test_renormalize_on_and_off() -> None:
     torch.manual_seed(2)
     x = torch.randn(10, 8)
-    on = MoEFFN(8, MoEConfig(experts=5, top_k=2, hidden=8, renormalize=True))
-    off = MoEFFN(8, MoEConfig(experts=5, top_k=2, hidden=8, renormalize=False))
+    on = _moe(8, experts=5, top_k=2, hidden=8, renormalize=True)
+    off = _moe(8, experts=5, top_k=2, hidden=8, renormalize=False)
     off.load_state_dict(on.state_dict())
     idx_on, g_on, _, probs = on.route(x)
     idx_off, g_off, _, _ = off.route(x)
@@ -210,7 +217,7 @@ def test_renormalize_on_and_off() -> None:
 def test_mask_excludes_padding(extra: dict) -> None:
     torch.manual_seed(3)
     D = 12
-    m = MoEFFN(D, MoEConfig(experts=4, top_k=2, hidden=16, **extra))
+    m = _moe(D, experts=4, top_k=2, hidden=16, **extra)
     with torch.no_grad():
         m.router.weight.normal_(0, 1.0)
     x = torch.randn(2, 6, D)
@@ -242,7 +249,7 @@ def test_mask_excludes_padding(extra: dict) -> None:
 
 
 def test_all_padding_batch() -> None:
-    m = MoEFFN(8, MoEConfig(experts=4, top_k=2, hidden=8))
+    m = _moe(8, experts=4, top_k=2, hidden=8)
     x = torch.randn(1, 3, 8, requires_grad=True)
     y = m(x, mask=torch.zeros(1, 3, dtype=torch.bool))
     (y.sum() + m.aux_loss + m.z_loss).backward()
@@ -259,8 +266,7 @@ def test_capacity_drops_overflow_first_choices_first() -> None:
     # E=3, k=2, cf=1 -> capacity ceil(1 * 3 * 2 / 3) = 2 per expert.
     # t0 picks (0, 1), t1 picks (1, 0), t2 picks (0, 2): expert 0 gets t0 and t2 as first choices and t1
     # as a second choice; first choices have priority, so t1's slot at expert 0 is the one dropped.
-    cfg = MoEConfig(experts=3, top_k=2, hidden=4, ternary=False, capacity_factor=1.0, renormalize=False)
-    m = MoEFFN(3, cfg)
+    m = _moe(3, ternary=False, experts=3, top_k=2, hidden=4, capacity_factor=1.0, renormalize=False)
     with torch.no_grad():
         m.router.weight.copy_(torch.eye(3))
     x = torch.tensor([[[5.0, 4.0, 0.0], [4.0, 5.0, 0.0], [5.0, 0.0, 4.0]]])
@@ -285,8 +291,7 @@ def test_capacity_drops_overflow_first_choices_first() -> None:
 
 
 def test_capacity_k1_token_order() -> None:
-    cfg = MoEConfig(experts=2, top_k=1, hidden=4, ternary=False, capacity_factor=1.0)
-    m = MoEFFN(2, cfg)
+    m = _moe(2, ternary=False, experts=2, top_k=1, hidden=4, capacity_factor=1.0)
     with torch.no_grad():
         m.router.weight.copy_(torch.eye(2))
     x = torch.tensor([[[2.0, 0.0], [3.0, 0.0], [1.0, 0.0], [0.0, 2.0]]])  # 3 tokens to expert 0, cap 2
@@ -303,7 +308,7 @@ def test_capacity_k1_token_order() -> None:
 def test_expert_with_zero_tokens() -> None:
     torch.manual_seed(4)
     D = 8
-    m = MoEFFN(D, MoEConfig(experts=5, top_k=2, hidden=8))
+    m = _moe(D, experts=5, top_k=2, hidden=8)
     with torch.no_grad():
         m.router.weight[3] = -5.0  # x > 0 below, so expert 3's logit is always the lowest by far
     x = torch.rand(2, 6, D).add_(0.5).requires_grad_(True)
@@ -323,7 +328,7 @@ def test_expert_with_zero_tokens() -> None:
 
 def test_stats_keys_and_values() -> None:
     torch.manual_seed(5)
-    m = MoEFFN(8, MoEConfig(experts=4, top_k=3, hidden=8))
+    m = _moe(8, experts=4, top_k=3, hidden=8)
     assert m.last_stats == {}
     m(torch.randn(3, 5, 8))
     st = m.last_stats
@@ -338,7 +343,7 @@ def test_stats_keys_and_values() -> None:
 
 def test_jitter_only_in_training() -> None:
     torch.manual_seed(6)
-    m = MoEFFN(8, MoEConfig(experts=4, top_k=2, hidden=8, jitter=0.5))
+    m = _moe(8, experts=4, top_k=2, hidden=8, jitter=0.5)
     x = torch.randn(1, 32, 8)
     m.eval()
     with torch.no_grad():
@@ -383,7 +388,7 @@ def test_aux_free_bias_update_direction_and_accumulation() -> None:
     sd = m.state_dict()
     assert "expert_bias" in sd and "load_accum" not in sd
     # aux_loss mode: no update.
-    assert update_moe_biases(MoEFFN(4, MoEConfig(experts=4, top_k=1, hidden=4))) == 0
+    assert update_moe_biases(_moe(4, experts=4, top_k=1, hidden=4)) == 0
 
 
 def _free_port() -> int:
@@ -399,7 +404,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        m = MoEFFN(4, MoEConfig(experts=4, top_k=1, hidden=4, balancing="aux_free", bias_update_rate=0.5))
+        m = _moe(4, experts=4, top_k=1, hidden=4, balancing="aux_free", bias_update_rate=0.5)
         with torch.no_grad():
             m.router.weight.copy_(torch.eye(4))
         # Rank 0 routes 10 tokens to expert 0; rank 1 routes 1 token each to experts 1..3.
@@ -514,12 +519,13 @@ def test_moe_lm_trains_with_balanced_load(one_thread: None) -> None:
 
 def test_xlstm_moe_lm_trains_with_balanced_load(one_thread: None) -> None:
     """The xLSTM LM with MoE FFNs (ternary experts, E=8, k=2) on stdlib bytes, 300 AdamW steps."""
-    from ternkit.models.config import XLSTMLMConfig
+    from ternkit.models.config import ModelConfig
     from ternkit.models.lm import XLSTMLM
 
     torch.manual_seed(0)
-    cfg = XLSTMLMConfig(vocab_size=256, d_model=48, n_blocks=2, n_heads=2, context_length=32, chunk_size=16,
-                        ffn="moe", moe=dict(experts=8, top_k=2, hidden=48))
+    cfg = ModelConfig(vocab_size=256, d_model=48, n_blocks=2, n_heads=2, context_length=32, chunk_size=16,
+                      ffn="moe", moe=dict(experts=8, top_k=2, hidden=48), ternary_projections=["ffn"],
+                      tie_embeddings=False)
     model = XLSTMLM(cfg)
     assert len(moe_modules(model)) == 2
     data = _corpus()

@@ -18,7 +18,8 @@ def _model(act_bits: int | None, scale: str, seed: int = 0, stc: bool = True) ->
     torch.manual_seed(seed)
     cfg = XLSTMLMConfig(vocab_size=61, d_model=64, n_blocks=2, n_heads=2, chunk_size=16,
                         gate_mode="ternary" if stc else "sigmoid", memory_backend="stc_sparse" if stc else "dense",
-                        ternary=("up", "qkv", "down", "ffn"), ffn="ternary", ternary_scale=scale, act_bits=act_bits)
+                        ternary_projections=["up", "qkv", "down", "ffn"], ffn="ternary",
+                        quant={"scale": scale, "act_bits": act_bits}, tie_embeddings=False)
     m = XLSTMLM(cfg)
     with torch.no_grad():
         m(torch.randint(0, 61, (4, 32)))  # STC thresholds from a first training-mode batch

@@ -146,8 +146,12 @@ def test_set_errors_say_set() -> None:
 def test_model_helpers() -> None:
     r = Recipe()
     assert r.model.is_ternary("up") and not r.model.is_ternary("head")
-    r2 = recipe_from_dict({"model": {"ternary_projections": "all", "ffn": ["moe", "none", "none", "dense"]}})
+    r2 = recipe_from_dict({"model": {"ternary_projections": "all", "ffn": ["moe", "none", "none", "dense"],
+                                     "tie_embeddings": False}})
     assert r2.model.is_ternary("head") and r2.model.ffn_kinds()[0] == "moe"
+    # "all" with a tied head: the recipe, the model and the checkpoint agree that the head stays float.
+    tied = recipe_from_dict({"model": {"ternary_projections": "all"}}).model
+    assert not tied.is_ternary("head") and tied.ternary == ("up", "qkv", "down", "ffn")
     assert "model.ffn lists 2 kinds" in _err(recipe_from_dict, {"model": {"ffn": ["moe", "none"]}})
 
 
@@ -161,7 +165,7 @@ def test_cli_list_show_copy(tmp_path: Path) -> None:
     assert res.exit_code == 0
     shown = yaml.safe_load(res.output)
     assert shown["trainer"]["max_steps"] == 7 and shown["data"]["source"] == "parity"
-    assert shown["quant"]["scale"] == "absmean"  # defaults are filled in
+    assert shown["model"]["quant"]["scale"] == "absmean"  # defaults are filled in
     res = runner.invoke(app, ["recipes", "show", "parity", "--set", "trainer.max_stp=7"])
     assert res.exit_code == 2 and "did you mean 'trainer.max_steps'" in res.output
     dest = tmp_path / "mine.yaml"

@@ -140,11 +140,17 @@ def test_group_scale_builds_the_integer_state_layer_and_copies_work() -> None:
 
     from ternkit.quant.group import GroupTernaryLinear
 
-    g = TernaryLinear(64, 16, scale="group", group_size=16)
+    from ternkit.errors import TernkitError
+    from ternkit.quant.linear import make_linear
+    from ternkit.quant.spec import TernarySpec
+
+    g = make_linear(64, 16, TernarySpec(scale="group", group_size=16))
     assert isinstance(g, GroupTernaryLinear) and g.group_size == 16
     assert all(not torch.is_floating_point(t) for t in g.state_dict().values())
-    g2 = TernaryLinear(64, 16, False, "group")
-    assert isinstance(g2, GroupTernaryLinear)
+    assert type(make_linear(64, 16, TernarySpec(scale="lsq"))) is TernaryLinear
+    assert type(make_linear(64, 16, None)) is nn.Linear
+    with pytest.raises(TernkitError, match="make_linear"):  # one way to build each kind of layer
+        TernaryLinear(64, 16, False, "group")
     layer = TernaryLinear(8, 4, scale="per_row")
     clone = copy.deepcopy(nn.Sequential(layer))
     x = torch.randn(2, 8)

@@ -108,18 +108,18 @@ def test_recipe_quant_group_size_and_forget_bias_reach_the_model() -> None:
                                     "moe": {"experts": 4, "top_k": 2, "hidden": 16}},
                           "quant": {"scale": "group", "group_size": 16}})
     cfg = model_config_from_recipe(r, 64)
-    model = XLSTMLM(XLSTMLMConfig.from_dict(cfg))
+    model = XLSTMLM(cfg)
     groups = [m for m in model.modules() if isinstance(m, GroupTernaryLinear)]
     # up, q, k, v, down per block (10), SwiGLU w13/w2 (2), 4 experts x w1/w3/w2 (12), head (1)
     assert len(groups) == 25 and {m.group_size for m in groups} == {16}
     assert all(m.n_groups == -(-m.in_features // 16) for m in groups)
-    assert XLSTMLMConfig.from_dict(json.loads(json.dumps(cfg))).ternary_group_size == 16
+    assert XLSTMLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).quant.group_size == 16
     for block in model.blocks:
         assert torch.allclose(block.mlstm.fgate.bias, torch.tensor([0.5, 1.5]))
     default = model_config_from_recipe(recipe_from_dict({}), 64)
-    assert default["forget_bias_init"] == [3.0, 6.0] and default["ternary_group_size"] == 32
-    old = {k: v for k, v in cfg.items() if k != "ternary_group_size"}  # a checkpoint written before the key
-    assert XLSTMLMConfig.from_dict(old).ternary_group_size == 32
+    assert default.forget_bias_init == (3.0, 6.0) and default.quant.group_size == 32
+    old = {"vocab_size": 64, "ternary": ["up"], "ternary_scale": "group"}  # a checkpoint written before the key
+    assert XLSTMLMConfig.from_dict(old).quant.group_size == 32
 
 
 @pytest.mark.slow
@@ -241,10 +241,11 @@ def test_parameter_counts_integer_state_is_persistent_integer_tensors() -> None:
     from ternkit.models.lm import XLSTMLM
     from ternkit.train.run import parameter_counts
 
-    base = dict(vocab_size=32, d_model=32, n_blocks=1, n_heads=2, memory_backend="stc_sparse", ternary=["up", "down"])
+    base = dict(vocab_size=32, d_model=32, n_blocks=1, n_heads=2, memory_backend="stc_sparse",
+                ternary_projections=["up", "down"], tie_embeddings=False)
     latent = parameter_counts(XLSTMLM(XLSTMLMConfig(**base)))
     assert latent["integer_state"] == 0  # STC's bool 'initialized' flags are not state worth counting
-    model = XLSTMLM(XLSTMLMConfig(**base, ternary_scale="group"))
+    model = XLSTMLM(XLSTMLMConfig(**base, quant={"scale": "group"}))
     counts = parameter_counts(model)
     up, down = model.blocks[0].mlstm.proj_up, model.blocks[0].mlstm.proj_down
     expected = sum(m.votes.numel() + m.packed_trits.numel() + m.exponent.numel() + m.corr_accum.numel() + 1

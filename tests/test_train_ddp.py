@@ -27,7 +27,8 @@ def test_replica_digests_see_integer_tau_and_bias_changes() -> None:
 
     torch.manual_seed(0)
     cfg = XLSTMLMConfig(vocab_size=16, d_model=32, n_blocks=1, n_heads=2, context_length=16,
-                        memory_backend="stc_sparse", ternary=("up", "qkv", "down", "ffn"), ternary_scale="group",
+                        memory_backend="stc_sparse", ternary_projections=["up", "qkv", "down", "ffn"],
+                        quant={"scale": "group"}, tie_embeddings=False,
                         ffn="moe", moe={"experts": 4, "top_k": 2, "hidden": 8, "balancing": "aux_free"})
     model = XLSTMLM(cfg)
     names, ref = replica_digests(model)

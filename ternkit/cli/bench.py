@@ -41,7 +41,7 @@ def bench_moe(
     float_experts: bool = typer.Option(False, "--float-experts", help="nn.Linear experts instead of ternary ones."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
-    """Top-k MoE FFN vs running every expert on every token (issue 4's throughput figure)."""
+    """Top-k MoE FFN vs running every expert on every token (MoE throughput; the ideal speed-up is E/k)."""
     import torch
 
     from ternkit.bench import bench_moe_vs_dense, machine_info

@@ -1,160 +1,172 @@
-"""Model configurations as dataclasses: the mLSTM layer and the xLSTM language model (JSON round-trip)."""
+"""The model configuration: one typed object from recipe to checkpoint to export.
+
+:class:`ModelConfig` *is* the recipe's ``model:`` section, what :class:`ternkit.models.lm.XLSTMLM`
+is built from, and what checkpoints and exports store (``to_dict()``). Allowed values and the
+checks between fields live here once. :func:`migrate_model_config` turns the dicts that older
+checkpoints and exports stored (flat ``ternary``/``ternary_scale``/``act_bits`` keys and a loose
+``moe`` dict) into today's form.
+"""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
+
+from pydantic import Field, model_validator
 
 from ternkit.errors import TernkitError
+from ternkit.ops.mlstm import GATE_MODES
+from ternkit.quant.spec import TernarySpec
+from ternkit.schema import Section
 
 __all__ = [
     "FFN_KINDS",
     "GATE_MODES",
+    "LAYER_PROJECTIONS",
     "MEMORY_BACKENDS",
     "NORMS",
+    "PROJECTIONS",
     "TERNARY_PROJECTIONS",
-    "MLSTMLayerConfig",
+    "ModelConfig",
+    "MoEConfig",
     "XLSTMLMConfig",
+    "migrate_model_config",
 ]
 
-GATE_MODES: tuple[str, ...] = ("sigmoid", "ternary")
-MEMORY_BACKENDS: tuple[str, ...] = ("dense", "stc_sparse")
-FFN_KINDS: tuple[str, ...] = ("none", "dense", "ternary", "moe")
-NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
-# Projections that may be TernaryLinear; "up", "qkv", "down" live in the mLSTM layer, "ffn" is the
-# SwiGLU of a "ternary" FFN block (implied by ffn="ternary"; listing it makes every dense FFN ternary), "head" the LM head.
-TERNARY_PROJECTIONS: tuple[str, ...] = ("up", "qkv", "down", "ffn", "head")
-_LAYER_PROJECTIONS: tuple[str, ...] = ("up", "qkv", "down")
-_SCALES: tuple[str, ...] = ("absmean", "per_row", "lsq", "group")
+Projection = Literal["up", "qkv", "down", "ffn", "head"]
+FfnKind = Literal["none", "dense", "ternary", "moe"]
+MemoryBackend = Literal["dense", "stc_sparse"]
+Norm = Literal["layernorm", "rmsnorm"]
+Balancing = Literal["aux_loss", "aux_free"]
+GateMode = Literal[GATE_MODES]  # type: ignore[valid-type]  # the modes the mLSTM ops implement
+
+#: Weight groups that may be ternary: "up", "qkv", "down" of the mLSTM layer, "ffn" (the SwiGLU of
+#: every FFN block, MoE experts included; an FFN of kind "ternary" is ternary anyway), "head".
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
+TERNARY_PROJECTIONS = PROJECTIONS
+LAYER_PROJECTIONS: tuple[str, ...] = ("up", "qkv", "down")
+FFN_KINDS: tuple[str, ...] = get_args(FfnKind)
+MEMORY_BACKENDS: tuple[str, ...] = get_args(MemoryBackend)
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
-def _normalize_ternary(value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """Tuple of projection names from a list/tuple of names, a {name: bool} dict, a bool or None."""
-    if value is None or value is False:
-        return ()
-    if value is True:
-        return tuple(allowed)
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, dict):
-        value = [k for k, on in value.items() if on]
-    names = tuple(value)
-    for name in names:
-        if name not in allowed:
-            raise TernkitError(f"unknown ternary projection {name!r}; use names from {', '.join(allowed)}.")
-    # Keep a canonical order so two configs naming the same set compare equal.
-    return tuple(n for n in allowed if n in names)
+class MoEConfig(Section):
+    """Top-k Mixture-of-Experts FFN settings (used by blocks whose ``ffn`` kind is ``"moe"``).
 
-
-def _check_choice(what: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise TernkitError(f"{what} {value!r} is not supported; use one of {', '.join(allowed)}.")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-class _DictMixin:
-    """from_dict / to_dict for flat dataclasses; unknown keys raise TernkitError naming the key."""
-
-    _name: ClassVar[str] = "config"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable dict of every field (tuples become lists)."""
-        return {f.name: _jsonable(copy.deepcopy(getattr(self, f.name))) for f in fields(self)}  # type: ignore[arg-type]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        """Build the config from a dict such as :meth:`to_dict` returns; unknown keys raise TernkitError."""
-        if not isinstance(d, dict):
-            raise TernkitError(f"{cls._name} must be a mapping of field names to values, got {type(d).__name__}.")
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        for key in d:
-            if key not in names:
-                raise TernkitError(f"unknown {cls._name} key {key!r}; remove it or use one of {', '.join(sorted(names))}.")
-        required = [f.name for f in fields(cls)  # type: ignore[arg-type]
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        for key in required:
-            if key not in d:
-                raise TernkitError(f"{cls._name} is missing the required key {key!r}; add it.")
-        return cls(**copy.deepcopy(d))
-
-    def to_json(self) -> str:
-        """The config as a JSON string."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> Any:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(s))
-
-
-@dataclass
-class MLSTMLayerConfig(_DictMixin):
-    """One mLSTM layer (xLSTM's mLSTMLayer): width, heads, projections, gate mode and memory backend.
-
-    ``inner = round(proj_factor * d_model)`` must divide by ``n_heads`` (memory heads) and by
-    ``qkv_blocksize`` (block-diagonal q/k/v). ``ternary`` names the projections built as
-    TernaryLinear among "up", "qkv", "down"; gates and norms stay float. ``ternary_group_size``
-    is the number of weights per scale, used only with ``ternary_scale="group"``.
-    ``forget_bias_init`` is the (start, end) of the forget-gate bias linspace over heads.
+    ``aux_loss_weight`` left unset resolves to 0.01 with ``balancing="aux_loss"`` and 0.0 with
+    ``"aux_free"`` (DeepSeek-V3 balances with the bias alone; set a small weight to add its
+    complementary loss). ``hidden`` None -> ``ffn_factor * d_model / top_k`` of the model.
+    ``capacity_factor`` 0 means dropless. ``jitter`` is the Switch multiplicative noise eps on the
+    router input (training only): x * U(1 - eps, 1 + eps). Whether experts are ternary, and how,
+    is the model's setting (``"ffn"`` in ``ternary_projections``, ``quant``).
     """
 
-    _name: ClassVar[str] = "mLSTM layer config"
+    experts: int = Field(12, ge=1, description="number of routed experts")
+    top_k: int = Field(3, ge=1, description="experts each token is sent to")
+    hidden: int | None = Field(None, ge=1, description="expert hidden width; None -> ffn_factor * d_model / top_k")
+    renormalize: bool = Field(True, description="renormalise the top-k gate weights to sum to 1")
+    jitter: float = Field(0.0, ge=0.0, lt=1.0, description="multiplicative router input noise during training")
+    aux_loss_weight: float | None = Field(None, ge=0.0, description="Switch load-balance loss weight; None -> 0.01 "
+                                                                    "for aux_loss balancing, 0 for aux_free")
+    z_loss_weight: float = Field(1e-3, ge=0.0, description="ST-MoE router z-loss weight")
+    balancing: Balancing = Field("aux_loss", description="aux loss, or DeepSeek-V3 bias balancing")
+    bias_update_rate: float = Field(1e-3, ge=0.0, description="per-step bias update for aux_free balancing")
+    capacity_factor: float = Field(0.0, ge=0.0, description="0 = dropless; >0 caps tokens per expert")
+    shared_expert: bool = Field(False, description="add one always-on expert")
 
-    d_model: int
-    n_heads: int = 4
-    proj_factor: float = 2.0
-    conv_kernel: int = 4
-    qkv_blocksize: int = 4
-    chunk_size: int = 64
-    gate_mode: str = "sigmoid"
-    memory_backend: str = "dense"
-    target_sparsity: float = 0.75
-    ternary: tuple[str, ...] = ()
-    ternary_scale: str = "absmean"
-    ternary_group_size: int = 32
-    act_bits: int | None = None
+    _error_prefix: ClassVar[str] = "model.moe."
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aux_weight_by_balancing(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("aux_loss_weight") is None:
+            data = dict(data)
+            data["aux_loss_weight"] = 0.0 if data.get("balancing") == "aux_free" else 0.01
+        return data
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoEConfig":
+        if self.top_k > self.experts:
+            raise ValueError(f"model.moe.top_k ({self.top_k}) must not exceed model.moe.experts ({self.experts})")
+        return self
+
+    def hidden_for(self, d_model: int, ffn_factor: float = 2.667) -> int:
+        """Expert hidden width: ``hidden``, or ``ffn_factor * d_model / top_k`` (same compute as one dense FFN)."""
+        return self.hidden if self.hidden is not None else max(1, int(round(ffn_factor * d_model / self.top_k)))
+
+
+
+class ModelConfig(Section):
+    """The network: an xLSTM/mLSTM block stack with optional ternary projections, STC memory and MoE FFNs.
+
+    ``ternary_projections`` names the weight groups that are ternarized (see ``PROJECTIONS``), or
+    ``"all"`` (every group; the head only when it is not tied to the embedding); ``quant`` says how.
+    ``ffn`` is one kind for every block or one per block: "none", "dense" (SwiGLU), "ternary"
+    (SwiGLU of ternary layers) or "moe". ``vocab_size`` None is filled from the tokenizer or the
+    synthetic task before a model is built. ``extra`` is free-form metadata the model ignores.
+    """
+
+    arch: Literal["xlstm_lm"] = "xlstm_lm"
+    vocab_size: int | None = Field(None, ge=2, description="None -> taken from the tokenizer or synthetic task")
+    d_model: int = Field(128, ge=1)
+    n_blocks: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    context_length: int = Field(128, ge=2)
+    tie_embeddings: bool = True
+    proj_factor: float = Field(2.0, gt=0.0, description="mLSTM up-projection factor")
+    conv_kernel: int = Field(4, ge=1)
+    qkv_blocksize: int = Field(4, ge=1)
+    chunk_size: int = Field(64, ge=1, description="chunkwise-parallel mLSTM chunk length")
+    gate_mode: GateMode = "sigmoid"
+    memory_backend: MemoryBackend = "dense"
+    target_sparsity: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of zero trits the STC memory aims at")
+    forget_bias_init: tuple[float, float] = Field(
+        (3.0, 6.0), description="(start, end) of the forget-gate bias linspace over heads; ~0.5 for a ternary gate to learn")
+    ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])
+    quant: TernarySpec = Field(default_factory=TernarySpec, description="how ternary layers are scaled and fed")
+    ffn: FfnKind | list[FfnKind] = Field("none", description="one kind for every block, or one per block")
+    ffn_factor: float = Field(2.667, gt=0.0)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    norm: Norm = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    forget_bias_init: tuple[float, float] = (3.0, 6.0)
-    n_blocks: int = 1  # only used to scale the down-projection init (Wang init), as in xLSTM
+    extra: dict[str, Any] = Field(default_factory=dict, description="free-form metadata; not used by the model")
 
-    def __post_init__(self) -> None:
-        self.ternary = _normalize_ternary(self.ternary, _LAYER_PROJECTIONS)
-        self.forget_bias_init = tuple(float(v) for v in self.forget_bias_init)  # type: ignore[assignment]
-        if len(self.forget_bias_init) != 2:
-            raise TernkitError("forget_bias_init must be two numbers (start, end); e.g. [3.0, 6.0].")
-        _check_choice("gate_mode", self.gate_mode, GATE_MODES)
-        _check_choice("memory_backend", self.memory_backend, MEMORY_BACKENDS)
-        _check_choice("ternary_scale", self.ternary_scale, _SCALES)
-        if int(self.ternary_group_size) < 1:
-            raise TernkitError(f"ternary_group_size must be a positive integer, got {self.ternary_group_size!r}; e.g. 32.")
-        if self.act_bits not in (None, 8):
-            raise TernkitError(f"act_bits must be null or 8, got {self.act_bits!r}.")
-        if not 0.0 <= self.target_sparsity < 1.0:
-            raise TernkitError(f"target_sparsity must be in [0, 1), got {self.target_sparsity!r}.")
-        for name in ("d_model", "n_heads", "conv_kernel", "qkv_blocksize", "chunk_size"):
-            if int(getattr(self, name)) < 1:
-                raise TernkitError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+    _error_prefix: ClassVar[str] = "model."
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_projections(cls, data: Any) -> Any:
+        # One order for one set, so two configs naming the same projections compare (and resume) equal.
+        if isinstance(data, dict) and isinstance(data.get("ternary_projections"), (list, tuple)):
+            names = list(data["ternary_projections"])
+            known = [p for p in PROJECTIONS if p in names]
+            data = dict(data)
+            data["ternary_projections"] = known + [n for n in names if n not in PROJECTIONS]
+        return data
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if isinstance(self.ffn, list) and len(self.ffn) != self.n_blocks:
+            raise ValueError(
+                f"model.ffn lists {len(self.ffn)} kinds but model.n_blocks is {self.n_blocks}; give one per block or a single kind"
+            )
         inner = self.inner_dim
         if inner % self.n_heads:
-            raise TernkitError(f"inner width {inner} (proj_factor * d_model) does not divide by n_heads={self.n_heads}; "
-                               "change n_heads or proj_factor.")
+            raise ValueError(f"model inner width {inner} (proj_factor * d_model) does not divide by model.n_heads "
+                             f"({self.n_heads}); change n_heads or proj_factor")
         if inner % self.qkv_blocksize:
-            raise TernkitError(f"inner width {inner} does not divide by qkv_blocksize={self.qkv_blocksize}; "
-                               "change qkv_blocksize or proj_factor.")
+            raise ValueError(f"model inner width {inner} does not divide by model.qkv_blocksize ({self.qkv_blocksize}); "
+                             "change qkv_blocksize or proj_factor")
+        if self.tie_embeddings and isinstance(self.ternary_projections, list) and "head" in self.ternary_projections:
+            raise ValueError("a tied LM head cannot be ternary; drop 'head' from model.ternary_projections or set "
+                             "model.tie_embeddings false")
+        return self
+
+    # --- derived values ----------------------------------------------------------------------------
 
     @property
     def inner_dim(self) -> int:
@@ -166,96 +178,104 @@ class MLSTMLayerConfig(_DictMixin):
         """Per-head memory width DH = inner_dim / n_heads."""
         return self.inner_dim // self.n_heads
 
+    @property
+    def ternary(self) -> tuple[str, ...]:
+        """The ternary weight groups, resolved (``"all"`` expanded, a tied head left out), in ``PROJECTIONS`` order."""
+        if self.ternary_projections == "all":
+            return tuple(p for p in PROJECTIONS if not (p == "head" and self.tie_embeddings))
+        return tuple(self.ternary_projections)
 
-@dataclass
-class XLSTMLMConfig(_DictMixin):
-    """An xLSTM language model: embedding, ``n_blocks`` (mLSTM [+ FFN]) blocks, final norm, LM head.
+    def is_ternary(self, projection: str) -> bool:
+        """Whether the weight group ``projection`` (one of ``PROJECTIONS``) is ternarized."""
+        if projection not in PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}; expected one of {PROJECTIONS}")
+        return projection in self.ternary
 
-    ``ffn`` is one kind for every block or a list with one kind per block, each of "none", "dense"
-    (SwiGLU), "ternary" (SwiGLU of TernaryLinear) or "moe" (``moe`` holds the MoEConfig fields).
-    ``ternary`` names the TernaryLinear projections among "up", "qkv", "down", "ffn", "head";
-    a dict {name: bool} or a list is accepted and stored as a tuple. ``ternary_group_size`` is the
-    number of weights per scale of every TernaryLinear, used only with ``ternary_scale="group"``.
-    """
-
-    _name: ClassVar[str] = "model config"
-
-    vocab_size: int
-    d_model: int = 128
-    n_blocks: int = 2
-    n_heads: int = 4
-    context_length: int = 256
-    proj_factor: float = 2.0
-    conv_kernel: int = 4
-    qkv_blocksize: int = 4
-    chunk_size: int = 64
-    gate_mode: str = "sigmoid"
-    memory_backend: str = "dense"
-    target_sparsity: float = 0.75
-    ternary: tuple[str, ...] = ()
-    ternary_scale: str = "absmean"
-    ternary_group_size: int = 32
-    act_bits: int | None = None
-    ffn: str | tuple[str, ...] = "none"
-    ffn_factor: float = 2.667
-    moe: dict[str, Any] | None = None
-    tie_embeddings: bool = False
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    bias: bool = False
-    forget_bias_init: tuple[float, float] = (3.0, 6.0)
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (e.g. tokenizer name); not used by the model
-
-    def __post_init__(self) -> None:
-        self.ternary = _normalize_ternary(self.ternary, TERNARY_PROJECTIONS)
-        self.forget_bias_init = tuple(float(v) for v in self.forget_bias_init)  # type: ignore[assignment]
-        if isinstance(self.ffn, (list, tuple)):
-            self.ffn = tuple(self.ffn)
-            if len(self.ffn) != self.n_blocks:
-                raise TernkitError(f"ffn lists {len(self.ffn)} kinds but n_blocks is {self.n_blocks}; "
-                                   "give one kind per block or a single string.")
-            for kind in self.ffn:
-                _check_choice("ffn kind", kind, FFN_KINDS)
-        else:
-            _check_choice("ffn kind", self.ffn, FFN_KINDS)
-        _check_choice("norm", self.norm, NORMS)
-        if self.vocab_size < 1:
-            raise TernkitError(f"vocab_size must be a positive integer, got {self.vocab_size!r}.")
-        if self.n_blocks < 1:
-            raise TernkitError(f"n_blocks must be a positive integer, got {self.n_blocks!r}.")
-        if "moe" in self.ffn_kinds() and self.moe is None:
-            self.moe = {}
-        if self.moe is not None and not isinstance(self.moe, dict):
-            if dataclasses.is_dataclass(self.moe):
-                self.moe = dataclasses.asdict(self.moe)  # type: ignore[arg-type]
-            else:
-                raise TernkitError("moe must be a mapping of MoEConfig fields (or null); e.g. {num_experts: 8, top_k: 2}.")
-        if self.moe is not None:
-            try:
-                from ternkit.models.moe import MoEConfig
-            except ImportError:  # pragma: no cover - MoE block not installed; checked when a block is built
-                MoEConfig = None  # type: ignore[assignment,misc]
-            if MoEConfig is not None:
-                MoEConfig.from_dict(dict(self.moe))  # unknown or invalid MoE keys fail here, naming the key
-        if self.tie_embeddings and "head" in self.ternary:
-            raise TernkitError("a tied LM head cannot be ternary; drop 'head' from ternary or set tie_embeddings false.")
-        self.layer_config()  # validates the mLSTM fields (widths, gate mode, backend)
+    def spec_for(self, projection: str) -> TernarySpec | None:
+        """The :class:`TernarySpec` of weight group ``projection``, or None where it stays float."""
+        return self.quant if self.is_ternary(projection) else None
 
     def ffn_kinds(self) -> list[str]:
-        """FFN kind of each block, a list of length ``n_blocks``."""
-        if isinstance(self.ffn, tuple):
-            return list(self.ffn)
-        return [self.ffn] * self.n_blocks  # type: ignore[list-item]
+        """The FFN kind of each block, length ``n_blocks``."""
+        return list(self.ffn) if isinstance(self.ffn, list) else [self.ffn] * self.n_blocks
 
-    def layer_config(self) -> MLSTMLayerConfig:
-        """The MLSTMLayerConfig every block's mLSTM layer is built from."""
-        return MLSTMLayerConfig(
-            d_model=self.d_model, n_heads=self.n_heads, proj_factor=self.proj_factor, conv_kernel=self.conv_kernel,
-            qkv_blocksize=self.qkv_blocksize, chunk_size=self.chunk_size, gate_mode=self.gate_mode,
-            memory_backend=self.memory_backend, target_sparsity=self.target_sparsity,
-            ternary=tuple(n for n in self.ternary if n in _LAYER_PROJECTIONS), ternary_scale=self.ternary_scale,
-            ternary_group_size=self.ternary_group_size, act_bits=self.act_bits, bias=self.bias,
-            norm_eps=self.norm_eps, dropout=self.dropout,
-            forget_bias_init=self.forget_bias_init, n_blocks=self.n_blocks,
-        )
+    def ffn_hidden(self) -> int:
+        """Hidden width of a dense or ternary SwiGLU FFN: round(ffn_factor * d_model)."""
+        return max(1, int(round(self.ffn_factor * self.d_model)))
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        """This config with ``vocab_size`` filled in when it is unset (a recipe's own value wins)."""
+        if self.vocab_size is not None:
+            return self
+        return self.model_copy(update={"vocab_size": int(vocab_size)})
+
+    # --- serialization -----------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The config as a JSON string."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The config of a model to build, from a stored dict (today's or an older format); needs ``vocab_size``."""
+        d = migrate_model_config(d)
+        if d.get("vocab_size") is None:
+            raise TernkitError("model config is missing the required key 'vocab_size'; add it.")
+        return super().from_dict(d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(s))
+
+
+#: The name older code and checkpoints use for the model config.
+XLSTMLMConfig = ModelConfig
+
+# Fields of the format before the config was unified, with that format's defaults where today's differ.
+_OLD_DEFAULTS = {"n_blocks": 2, "context_length": 256, "tie_embeddings": False}
+_OLD_TERNARY_KEYS = ("ternary", "ternary_scale", "ternary_group_size", "act_bits")
+_OLD_MOE_TERNARY_KEYS = ("ternary", "ternary_scale", "ternary_group_size", "act_bits")
+
+
+def migrate_model_config(d: dict[str, Any]) -> dict[str, Any]:
+    """Today's :class:`ModelConfig` dict from a stored one; a dict in today's form comes back as a copy.
+
+    The older form (written by ternkit 0.1 checkpoints and exports) kept the ternary setting as
+    flat ``ternary`` (list of projections), ``ternary_scale``, ``ternary_group_size`` and
+    ``act_bits`` keys, repeated them inside a ``moe`` dict (or ``moe: null``), and had other
+    defaults for ``n_blocks``, ``context_length`` and ``tie_embeddings``.
+    """
+    if not isinstance(d, dict):
+        raise TernkitError(f"model config must be a mapping of field names to values, got {type(d).__name__}.")
+    out = json.loads(json.dumps(d))  # a deep, JSON-clean copy: the caller's dict stays untouched
+    if "ternary_projections" in out or not any(k in out for k in _OLD_TERNARY_KEYS + ("moe",)):
+        return out
+    for key, value in _OLD_DEFAULTS.items():
+        out.setdefault(key, value)
+    ternary = out.pop("ternary", None) or []
+    if isinstance(ternary, dict):
+        ternary = [k for k, on in ternary.items() if on]
+    elif isinstance(ternary, str):
+        ternary = [ternary]
+    ternary = list(ternary)
+    quant = {"scale": out.pop("ternary_scale", "absmean"), "group_size": out.pop("ternary_group_size", 32),
+             "act_bits": out.pop("act_bits", None)}
+    moe = out.pop("moe", None)
+    kinds = out.get("ffn", "none")
+    kinds = list(kinds) if isinstance(kinds, (list, tuple)) else [kinds]
+    if isinstance(moe, dict):
+        moe = dict(moe)
+        experts_ternary = bool(moe.pop("ternary", True))
+        for key in _OLD_MOE_TERNARY_KEYS[1:]:
+            moe.pop(key, None)
+        if "moe" in kinds and experts_ternary != ("ffn" in ternary):
+            if "dense" in kinds:
+                raise TernkitError("this model config's MoE experts and dense FFNs differ in being ternary, which the "
+                                   "current format cannot express; retrain it with ternkit's current recipe format.")
+            if experts_ternary:
+                ternary.append("ffn")
+        out["moe"] = moe
+    out["ternary_projections"] = ternary
+    out["quant"] = quant
+    return out

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ternkit.errors import TernkitError
-from ternkit.models.config import XLSTMLMConfig
-from ternkit.models.mlstm import MLSTMLayer, MLSTMState, _small_init_, _wang_init_, _has_latent_weight, make_linear
+from ternkit.models.config import ModelConfig
+from ternkit.models.mlstm import MLSTMLayer, MLSTMState, _small_init_, _wang_init_, _has_latent_weight
+from ternkit.quant.linear import make_linear
+from ternkit.quant.spec import TernarySpec
 
 __all__ = ["SwiGLU", "XLSTMBlock", "XLSTMLM", "LMState"]
 
@@ -27,13 +29,11 @@ def _make_norm(kind: str, dim: int, eps: float) -> nn.Module:
 class SwiGLU(nn.Module):
     """SwiGLU FFN y (..., D) = W2 (SiLU(W1 x) * W3 x), hidden width round(ffn_factor * D); float or ternary."""
 
-    def __init__(self, d_model: int, hidden: int, ternary: bool, scale: str = "absmean", act_bits: int | None = None,
-                 n_blocks: int = 1, group_size: int = 32) -> None:
+    def __init__(self, d_model: int, hidden: int, spec: TernarySpec | None, n_blocks: int = 1) -> None:
         super().__init__()
         self.hidden = hidden
-        lin = dict(scale=scale, act_bits=act_bits, group_size=group_size)
-        self.w13 = make_linear(d_model, 2 * hidden, ternary, **lin)  # type: ignore[arg-type]
-        self.w2 = make_linear(hidden, d_model, ternary, **lin)  # type: ignore[arg-type]
+        self.w13 = make_linear(d_model, 2 * hidden, spec)
+        self.w2 = make_linear(hidden, d_model, spec)
         if _has_latent_weight(self.w13):
             _small_init_(self.w13.weight, d_model)
         if _has_latent_weight(self.w2):
@@ -48,25 +48,24 @@ class SwiGLU(nn.Module):
 class XLSTMBlock(nn.Module):
     """x (B, S, D) -> x + mLSTM(norm(x)) -> (+ FFN(norm(.)) when the block has one)."""
 
-    def __init__(self, cfg: XLSTMLMConfig, ffn_kind: str) -> None:
+    def __init__(self, cfg: ModelConfig, ffn_kind: str) -> None:
         super().__init__()
         self.ffn_kind = ffn_kind
         self.norm = _make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mlstm = MLSTMLayer(cfg.layer_config())
+        self.mlstm = MLSTMLayer(cfg)
         self.ffn_norm: nn.Module | None = None
         self.ffn: nn.Module | None = None
         if ffn_kind == "none":
             return
         self.ffn_norm = _make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         if ffn_kind == "moe":
-            from ternkit.models.moe import MoEConfig, MoEFFN
+            from ternkit.models.moe import MoEFFN
 
-            self.ffn = MoEFFN(cfg.d_model, MoEConfig.from_dict(dict(cfg.moe or {})))
+            self.ffn = MoEFFN(cfg.d_model, cfg.moe, cfg.spec_for("ffn"),
+                              hidden=cfg.moe.hidden_for(cfg.d_model, cfg.ffn_factor))
         else:
-            hidden = max(1, int(round(cfg.ffn_factor * cfg.d_model)))
-            ternary = ffn_kind == "ternary" or "ffn" in cfg.ternary
-            self.ffn = SwiGLU(cfg.d_model, hidden, ternary, scale=cfg.ternary_scale, act_bits=cfg.act_bits,
-                              n_blocks=cfg.n_blocks, group_size=cfg.ternary_group_size)
+            spec = cfg.quant if ffn_kind == "ternary" else cfg.spec_for("ffn")
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden(), spec, n_blocks=cfg.n_blocks)
         self.ffn_dropout = nn.Dropout(cfg.dropout)
 
     def _ffn(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -99,8 +98,11 @@ class XLSTMLM(nn.Module):
     the embedding with ``tie_embeddings`` and ternary only when ``"head"`` is in ``cfg.ternary``.
     """
 
-    def __init__(self, cfg: XLSTMLMConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.vocab_size is None:
+            raise TernkitError("model.vocab_size is not set; build the model from a config with a vocabulary size "
+                               "(ModelConfig.with_vocab(n)).")
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         _small_init_(self.embedding.weight, cfg.d_model)
@@ -110,22 +112,21 @@ class XLSTMLM(nn.Module):
         if cfg.tie_embeddings:
             self.head: nn.Module | None = None
         else:
-            self.head = make_linear(cfg.d_model, cfg.vocab_size, "head" in cfg.ternary, scale=cfg.ternary_scale,
-                                    act_bits=cfg.act_bits, group_size=cfg.ternary_group_size)
+            self.head = make_linear(cfg.d_model, cfg.vocab_size, cfg.spec_for("head"))
             if _has_latent_weight(self.head):
                 _small_init_(self.head.weight, cfg.d_model)
 
     # --- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: XLSTMLMConfig | dict[str, Any]) -> XLSTMLM:
-        """Build a model from an XLSTMLMConfig or its dict form (see :meth:`XLSTMLMConfig.to_dict`)."""
+    def from_config(cls, cfg: ModelConfig | dict[str, Any]) -> XLSTMLM:
+        """Build a model from a ModelConfig or its stored dict form (see :meth:`ModelConfig.from_dict`)."""
         if isinstance(cfg, dict):
-            cfg = XLSTMLMConfig.from_dict(cfg)
+            cfg = ModelConfig.from_dict(cfg)
         return cls(cfg)
 
     @property
-    def config(self) -> XLSTMLMConfig:
+    def config(self) -> ModelConfig:
         """The model's configuration."""
         return self.cfg
 

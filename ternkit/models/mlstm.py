@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ternkit.models.config import MLSTMLayerConfig
+from ternkit.models.config import ModelConfig
 from ternkit.ops import mlstm as mlstm_ops
-from ternkit.quant.linear import TernaryLinear
+from ternkit.quant.linear import make_linear
 from ternkit.quant.stc import STCQuantizer
 
 __all__ = ["BlockDiagonalLinear", "CausalConv1d", "MLSTMLayer", "MLSTMState", "MultiHeadLayerNorm"]
@@ -34,18 +34,6 @@ def _wang_init_(w: torch.Tensor, dim: int, n_blocks: int) -> None:
 def _has_latent_weight(mod: nn.Module) -> bool:
     w = getattr(mod, "weight", None)
     return isinstance(w, nn.Parameter) and w.is_floating_point()
-
-
-def make_linear(in_features: int, out_features: int, ternary: bool, bias: bool = False, scale: str = "absmean",
-                act_bits: int | None = None, group_size: int = 32) -> nn.Module:
-    """nn.Linear (in -> out), or TernaryLinear with the given scale and activation bits when ``ternary``.
-
-    ``group_size`` (weights per scale) only matters for ``scale="group"``.
-    """
-    if ternary:
-        return TernaryLinear(in_features, out_features, bias=bias, scale=scale, act_bits=act_bits,  # type: ignore[arg-type]
-                             group_size=group_size)
-    return nn.Linear(in_features, out_features, bias=bias)
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -136,21 +124,20 @@ class MLSTMLayer(nn.Module):
     and one absmean scale per tensor would fit it badly).
     """
 
-    def __init__(self, cfg: MLSTMLayerConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d, inner, nh = cfg.d_model, cfg.inner_dim, cfg.n_heads
         self.inner_dim = inner
         self.num_heads = nh
         self.head_dim = cfg.head_dim
-        tern = set(cfg.ternary)
-        lin = dict(bias=cfg.bias, scale=cfg.ternary_scale, act_bits=cfg.act_bits, group_size=cfg.ternary_group_size)
-        self.proj_up = make_linear(d, 2 * inner, "up" in tern, **lin)  # type: ignore[arg-type]
+        self.proj_up = make_linear(d, 2 * inner, cfg.spec_for("up"), bias=cfg.bias)
         self.conv = CausalConv1d(inner, cfg.conv_kernel)
-        if "qkv" in tern:
-            self.q_proj = make_linear(inner, inner, True, **lin)  # type: ignore[arg-type]
-            self.k_proj = make_linear(inner, inner, True, **lin)  # type: ignore[arg-type]
-            self.v_proj = make_linear(inner, inner, True, **lin)  # type: ignore[arg-type]
+        qkv = cfg.spec_for("qkv")
+        if qkv is not None:
+            self.q_proj = make_linear(inner, inner, qkv, bias=cfg.bias)
+            self.k_proj = make_linear(inner, inner, qkv, bias=cfg.bias)
+            self.v_proj = make_linear(inner, inner, qkv, bias=cfg.bias)
         else:
             self.q_proj = BlockDiagonalLinear(inner, cfg.qkv_blocksize, bias=cfg.bias)
             self.k_proj = BlockDiagonalLinear(inner, cfg.qkv_blocksize, bias=cfg.bias)
@@ -159,7 +146,7 @@ class MLSTMLayer(nn.Module):
         self.fgate = nn.Linear(3 * inner, nh, bias=True)
         self.outnorm = MultiHeadLayerNorm(nh, self.head_dim, eps=cfg.norm_eps)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
-        self.proj_down = make_linear(inner, d, "down" in tern, **lin)  # type: ignore[arg-type]
+        self.proj_down = make_linear(inner, d, cfg.spec_for("down"), bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.memory_backend == "stc_sparse":
             self.k_quant: STCQuantizer | None = STCQuantizer(nh, cfg.target_sparsity)

@@ -15,93 +15,22 @@ their known pitfalls fixed:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ternkit.errors import TernkitError
-from ternkit.quant.linear import SCALES, TernaryLinear
+from ternkit.models.config import MoEConfig
+from ternkit.quant.linear import make_linear
+from ternkit.quant.spec import TernarySpec
 from ternkit.quant.ternarize import act_quant_8bit
 
 __all__ = ["MoEConfig", "SwiGLUExpert", "MoEFFN", "update_moe_biases", "moe_modules"]
 
-Balancing = Literal["aux_loss", "aux_free"]
-BALANCING: tuple[str, ...] = ("aux_loss", "aux_free")
-
-
-@dataclass
-class MoEConfig:
-    """Configuration of a top-k MoE FFN block.
-
-    ``aux_loss_weight`` left as ``None`` resolves to 0.01 with ``balancing="aux_loss"`` and 0.0 with
-    ``"aux_free"`` (DeepSeek-V3 balances with the bias alone; set a small weight to add its
-    complementary loss). ``capacity_factor`` 0 means dropless. ``jitter`` is the Switch
-    multiplicative noise eps on the router input (training only): x * U(1 - eps, 1 + eps).
-    ``ternary_group_size`` (weights per scale) is used only with ``ternary_scale="group"``.
-    """
-
-    experts: int = 12
-    top_k: int = 3
-    hidden: int = 256
-    renormalize: bool = True
-    jitter: float = 0.0
-    aux_loss_weight: float | None = None
-    z_loss_weight: float = 1e-3
-    balancing: str = "aux_loss"
-    bias_update_rate: float = 1e-3
-    capacity_factor: float = 0.0
-    shared_expert: bool = False
-    ternary: bool = True
-    ternary_scale: str = "absmean"
-    act_bits: int | None = None
-    ternary_group_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.experts < 1:
-            raise TernkitError(f"moe experts must be >= 1, got {self.experts}; set experts to a positive count.")
-        if not 1 <= self.top_k <= self.experts:
-            raise TernkitError(f"moe top_k={self.top_k} must lie in [1, experts={self.experts}]; lower top_k.")
-        if self.hidden < 1:
-            raise TernkitError(f"moe hidden must be >= 1, got {self.hidden}; set a positive expert hidden size.")
-        if self.balancing not in BALANCING:
-            raise TernkitError(f"unknown moe balancing {self.balancing!r}; use one of {', '.join(BALANCING)}.")
-        if self.capacity_factor < 0:
-            raise TernkitError(f"moe capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}.")
-        if not 0.0 <= self.jitter < 1.0:
-            raise TernkitError(f"moe jitter must lie in [0, 1), got {self.jitter}; use e.g. 0.01 or 0.")
-        if self.ternary_scale not in SCALES:
-            raise TernkitError(f"unknown moe ternary_scale {self.ternary_scale!r}; use one of {', '.join(SCALES)}.")
-        if self.act_bits not in (None, 8):
-            raise TernkitError(f"moe act_bits must be None or 8, got {self.act_bits!r}.")
-        if int(self.ternary_group_size) < 1:
-            raise TernkitError(f"moe ternary_group_size must be >= 1, got {self.ternary_group_size!r}; use e.g. 32.")
-        if self.aux_loss_weight is None:
-            self.aux_loss_weight = 0.01 if self.balancing == "aux_loss" else 0.0
-        if self.aux_loss_weight < 0 or self.z_loss_weight < 0 or self.bias_update_rate < 0:
-            raise TernkitError("moe aux_loss_weight, z_loss_weight and bias_update_rate must be >= 0.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a plain dict (YAML/JSON-safe)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        """Build a config from a dict; unknown keys raise :class:`TernkitError`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TernkitError(f"unknown moe config key(s) {unknown}; valid keys are {sorted(known)}.")
-        return cls(**d)
-
-
-def _make_linear(d_in: int, d_out: int, cfg: MoEConfig) -> nn.Module:
-    if cfg.ternary:
-        return TernaryLinear(d_in, d_out, bias=False, scale=cfg.ternary_scale,  # type: ignore[arg-type]
-                             act_bits=cfg.act_bits, group_size=cfg.ternary_group_size)
-    return nn.Linear(d_in, d_out, bias=False)
+# Experts are ternary AbsMean layers unless a caller says otherwise (the model passes its own spec).
+_DEFAULT_SPEC = TernarySpec()
 
 
 def _frozen_weight(layer: nn.Module) -> torch.Tensor | None:
@@ -117,15 +46,15 @@ def _frozen_weight(layer: nn.Module) -> torch.Tensor | None:
 class SwiGLUExpert(nn.Module):
     """SwiGLU FFN y (N, D) = w2(silu(w1 x) * w3 x) for x (N, D); w1, w3: D -> H, w2: H -> D.
 
-    The layers are :class:`TernaryLinear` when ``cfg.ternary`` (else ``nn.Linear``). ``freeze()``
+    The layers are ternary layers of ``spec`` (``nn.Linear`` when it is None). ``freeze()``
     ternarizes the weights once and reuses them until ``train()`` or ``unfreeze()`` (inference).
     """
 
-    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig) -> None:
+    def __init__(self, d_model: int, hidden: int, spec: TernarySpec | None = _DEFAULT_SPEC) -> None:
         super().__init__()
-        self.w1 = _make_linear(d_model, hidden, cfg)
-        self.w3 = _make_linear(d_model, hidden, cfg)
-        self.w2 = _make_linear(hidden, d_model, cfg)
+        self.w1 = make_linear(d_model, hidden, spec)
+        self.w3 = make_linear(d_model, hidden, spec)
+        self.w2 = make_linear(hidden, d_model, spec)
         self._frozen: list[torch.Tensor | None] | None = None
         self._w13: torch.Tensor | None = None
 
@@ -189,14 +118,17 @@ class MoEFFN(nn.Module):
     its other experts).
     """
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+    def __init__(self, d_model: int, cfg: MoEConfig, spec: TernarySpec | None = _DEFAULT_SPEC,
+                 hidden: int | None = None) -> None:
         super().__init__()
         self.d_model = d_model
         self.cfg = cfg
+        self.spec = spec
+        self.hidden = hidden if hidden is not None else cfg.hidden_for(d_model)
         self.router = nn.Linear(d_model, cfg.experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
-        self.experts = nn.ModuleList(SwiGLUExpert(d_model, cfg.hidden, cfg) for _ in range(cfg.experts))
-        self.shared = SwiGLUExpert(d_model, cfg.hidden, cfg) if cfg.shared_expert else None
+        self.experts = nn.ModuleList(SwiGLUExpert(d_model, self.hidden, spec) for _ in range(cfg.experts))
+        self.shared = SwiGLUExpert(d_model, self.hidden, spec) if cfg.shared_expert else None
         self.register_buffer("expert_bias", torch.zeros(cfg.experts, dtype=torch.float32), persistent=True)
         # Loads since the last bias update, summed over micro-batches; transient, so not checkpointed.
         self.register_buffer("load_accum", torch.zeros(cfg.experts, dtype=torch.float32), persistent=False)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ternkit.models.config import XLSTMLMConfig
+from ternkit.models.config import ModelConfig
 from ternkit.models.lm import XLSTMLM
 
 __all__ = ["parity_batch", "parity_model", "evaluate_parity", "run_parity"]
@@ -48,9 +48,9 @@ def parity_batch(batch_size: int, length: int, generator: torch.Generator | None
 def parity_model(gate_mode: str, d_model: int = 32, n_heads: int = 2, forget_bias_init: tuple[float, float] = (0.5, 0.5),
                  ternary: tuple[str, ...] = ()) -> XLSTMLM:
     """A one-block, FFN-free xLSTM LM over the 3 tokens {0, 1, BOS}; the logits of tokens 0/1 are the parity classes."""
-    cfg = XLSTMLMConfig(vocab_size=3, d_model=d_model, n_blocks=1, n_heads=n_heads, context_length=128,
-                        chunk_size=64, gate_mode=gate_mode, ffn="none", ternary=ternary,
-                        forget_bias_init=forget_bias_init)
+    cfg = ModelConfig(vocab_size=3, d_model=d_model, n_blocks=1, n_heads=n_heads, context_length=128,
+                      chunk_size=64, gate_mode=gate_mode, ffn="none", ternary_projections=list(ternary),
+                      forget_bias_init=forget_bias_init, tie_embeddings=False)
     return XLSTMLM(cfg)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ternkit.errors import TernkitError
+from ternkit.quant.spec import SCALES, Scale, TernarySpec
 from ternkit.quant.ternarize import (
     absmean_alpha,
     act_quant_8bit,
@@ -20,49 +21,30 @@ from ternkit.quant.ternarize import (
     trits_of,
 )
 
-__all__ = ["SCALES", "TernaryLinear", "swap_linear", "ternary_modules"]
+__all__ = ["SCALES", "TernaryLinear", "make_linear", "swap_linear", "ternary_modules"]
 
-Scale = Literal["absmean", "per_row", "lsq", "group"]
-SCALES: tuple[str, ...] = ("absmean", "per_row", "lsq", "group")
 
 
 class TernaryLinear(nn.Module):
     """Linear layer whose forward uses a ternarized weight: y (..., out) = x (..., in) @ (alpha * T)^T + b.
 
     ``scale`` picks the ternarizer: ``"absmean"`` (per-tensor, BitNet b1.58), ``"per_row"``,
-    ``"lsq"`` (learnable alpha, init 2 * mean|W|) or ``"group"``; the first three keep a latent
-    float ``weight`` (out, in) trained with a straight-through estimator. ``scale="group"``
-    returns a :class:`ternkit.quant.group.GroupTernaryLinear`, whose state is all integer.
-    ``act_bits=8`` adds per-token absmax int8 activation quantization (STE).
+    ``"lsq"`` (learnable alpha, init 2 * mean|W|); each keeps a latent float ``weight`` (out, in)
+    trained with a straight-through estimator. The integer-state ``"group"`` scale is
+    :class:`ternkit.quant.group.GroupTernaryLinear`; :func:`make_linear` builds either from a
+    :class:`~ternkit.quant.spec.TernarySpec`. ``act_bits=8`` adds per-token absmax int8 activation quantization (STE).
     """
 
-    def __new__(cls, *args: object, **kwargs: object) -> nn.Module:
-        # scale="group" builds the integer-state layer instead; *args keeps copy/pickle (which call
-        # __new__ with no arguments) working.
-        scale = kwargs.get("scale", args[3] if len(args) > 3 else "absmean")
-        if scale == "group":
-            from ternkit.quant.group import GroupTernaryLinear
-
-            in_f = kwargs.get("in_features", args[0] if args else None)
-            out_f = kwargs.get("out_features", args[1] if len(args) > 1 else None)
-            bias = kwargs.get("bias", args[2] if len(args) > 2 else False)
-            act_bits = kwargs.get("act_bits", args[4] if len(args) > 4 else None)
-            group_size = kwargs.get("group_size", args[5] if len(args) > 5 else 32)
-            extra = {k: v for k, v in kwargs.items()
-                     if k not in ("in_features", "out_features", "bias", "scale", "act_bits", "group_size")}
-            return GroupTernaryLinear(in_f, out_f, bias=bias, group_size=group_size, act_bits=act_bits,  # type: ignore[arg-type]
-                                      **extra)
-        return super().__new__(cls)
-
     def __init__(self, in_features: int, out_features: int, bias: bool = False, scale: Scale = "absmean",
-                 act_bits: int | None = None, group_size: int = 32, **group_kwargs: object) -> None:
+                 act_bits: int | None = None) -> None:
         super().__init__()
+        if scale == "group":
+            raise TernkitError("scale='group' is the integer-state GroupTernaryLinear; build it with "
+                               "make_linear(d_in, d_out, TernarySpec(scale='group')).")
         if scale not in SCALES:
             raise TernkitError(f"unknown ternary scale {scale!r}; use one of {', '.join(SCALES)}.")
         if act_bits not in (None, 8):
             raise TernkitError(f"act_bits must be None or 8, got {act_bits!r}.")
-        if group_kwargs:
-            raise TypeError(f"unexpected arguments for scale={scale!r}: {sorted(group_kwargs)}")
         self.in_features = in_features
         self.out_features = out_features
         self.scale = scale
@@ -106,6 +88,23 @@ class TernaryLinear(nn.Module):
                 f"scale={self.scale}, act_bits={self.act_bits}")
 
 
+def make_linear(in_features: int, out_features: int, spec: TernarySpec | None, bias: bool = False) -> nn.Module:
+    """The one way to build a projection x (..., in) -> (..., out): ``nn.Linear`` when ``spec`` is None, else ternary.
+
+    ``spec.scale`` "absmean", "per_row" or "lsq" gives a latent-weight :class:`TernaryLinear`;
+    "group" the integer-state :class:`ternkit.quant.group.GroupTernaryLinear` with
+    ``spec.group_size`` columns per scale. ``spec.act_bits=8`` quantizes inputs per token.
+    """
+    if spec is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    if spec.scale == "group":
+        from ternkit.quant.group import GroupTernaryLinear
+
+        return GroupTernaryLinear(in_features, out_features, bias=bias, group_size=spec.group_size,
+                                  act_bits=spec.act_bits)
+    return TernaryLinear(in_features, out_features, bias=bias, scale=spec.scale, act_bits=spec.act_bits)
+
+
 def ternary_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """(name, module) of every ternary layer in ``model``: anything with ``trits()`` (latent or integer-state)."""
     for name, mod in model.named_modules():
@@ -125,14 +124,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def swap_linear(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
-                filter_fn: Callable[[nn.Module, str], bool] | None = None, **kwargs: object) -> nn.Module:
+                filter_fn: Callable[[nn.Module, str], bool] | None = None, spec: TernarySpec | None = None,
+                **kwargs: object) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` whose qualified names match ``include`` (fnmatch) and
-    not ``exclude`` by :class:`TernaryLinear` (``kwargs`` go to its constructor), in place; returns ``model``.
+    not ``exclude`` by ternary layers of ``spec`` (or ``TernarySpec(**kwargs)``: ``scale``, ``act_bits``,
+    ``group_size``) built by :func:`make_linear`, in place; returns ``model``.
 
     Latent-weight scales copy the float weight and bias, so a pretrained model starts from its own
     weights (torchao's ``quantize_`` style); ``filter_fn(module, name)`` can veto a swap.
     """
     inc, exc = tuple(include), tuple(exclude)
+    spec = spec if spec is not None else TernarySpec(**kwargs)  # type: ignore[arg-type]
     targets = []
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear:
@@ -143,7 +145,7 @@ def swap_linear(model: nn.Module, include: Iterable[str] = ("*",), exclude: Iter
             continue
         targets.append((name, mod))
     for name, lin in targets:
-        new = TernaryLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, **kwargs)  # type: ignore[arg-type]
+        new = make_linear(lin.in_features, lin.out_features, spec, bias=lin.bias is not None)
         new = new.to(device=lin.weight.device)
         if isinstance(new, TernaryLinear):
             with torch.no_grad():

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ternkit import __version__
 from ternkit.errors import TernkitError
+from ternkit.models.config import ModelConfig
+from ternkit.recipe import OptimizerConfig, ScheduleConfig
 from ternkit.train.optim import build_optimizer, lr_factor, weight_decay_factor
 
 __all__ = ["TernkitLM", "NonFiniteLossError", "masked_cross_entropy"]
@@ -54,14 +56,19 @@ class TernkitLM(L.LightningModule):
     Checkpoints also carry the RNG states and the ternkit version, so a resumed run replays exactly.
     """
 
-    def __init__(self, model_config: dict[str, Any], optimizer: dict[str, Any], schedule: dict[str, Any],
-                 max_steps: int, run_info: dict[str, Any] | None = None) -> None:
+    def __init__(self, model_config: ModelConfig | dict[str, Any], optimizer: OptimizerConfig | dict[str, Any],
+                 schedule: ScheduleConfig | dict[str, Any], max_steps: int, run_info: dict[str, Any] | None = None) -> None:
         super().__init__()
+        # Typed here, stored as plain data: a checkpoint's hyper-parameters must load with weights_only=True.
+        cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
+        self.opt_cfg = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig(**optimizer)
+        self.sched_cfg = schedule if isinstance(schedule, ScheduleConfig) else ScheduleConfig(**schedule)
+        model_config, optimizer, schedule = (cfg.to_dict(), self.opt_cfg.model_dump(mode="json"),
+                                             self.sched_cfg.model_dump(mode="json"))
         self.save_hyperparameters()
-        from ternkit.models.config import XLSTMLMConfig
         from ternkit.models.lm import XLSTMLM
 
-        self.model = XLSTMLM(XLSTMLMConfig.from_dict(model_config))
+        self.model = XLSTMLM(cfg)
         self._t_last: float | None = None
         self.last_train_loss = float("nan")
 
@@ -126,27 +133,21 @@ class TernkitLM(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """AdamW or Muon+AdamW with warmup + cosine (optionally BitNet two-stage) stepped every optimizer step."""
-        o, s = self.hparams.optimizer, self.hparams.schedule
-        opt = build_optimizer(self.model, o.get("name", "adamw"), float(o["lr"]), float(o.get("weight_decay", 0.0)),
-                              tuple(o.get("betas", (0.9, 0.95))), eps=float(o.get("eps", 1e-8)),
-                              momentum=float(o.get("momentum", 0.95)))
+        o, s = self.opt_cfg, self.sched_cfg
+        opt = build_optimizer(self.model, o.name, o.lr, o.weight_decay, tuple(o.betas), eps=o.eps, momentum=o.momentum)
         max_steps = int(self.hparams.max_steps)
-        two_stage = bool(o.get("two_stage", False))
-        two_stage_at = float(o.get("two_stage_at", 0.5))
 
         def factor(step: int) -> float:
-            return lr_factor(step, max_steps, int(s.get("warmup_steps", 0)), s.get("kind", "cosine"),
-                             float(s.get("min_lr_ratio", 0.1)), two_stage, two_stage_at)
+            return lr_factor(step, max_steps, s.warmup_steps, s.kind, s.min_lr_ratio, o.two_stage, o.two_stage_at)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Apply the weight-decay schedule (BitNet two-stage: decay off in the second half)."""
-        if not self.hparams.optimizer.get("two_stage", False):
+        if not self.opt_cfg.two_stage:
             return
-        f = weight_decay_factor(self.global_step, int(self.hparams.max_steps), True,
-                                float(self.hparams.optimizer.get("two_stage_at", 0.5)))
+        f = weight_decay_factor(self.global_step, int(self.hparams.max_steps), True, self.opt_cfg.two_stage_at)
         for opt in self.trainer.optimizers:
             for g in opt.param_groups:
                 g["weight_decay"] = g.get("base_wd", g["weight_decay"]) * f

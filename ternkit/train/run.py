@@ -15,37 +15,15 @@ import torch
 from torch import nn
 
 from ternkit.errors import TernkitError
+from ternkit.models.config import ModelConfig
+from ternkit.recipe import Recipe
 
 __all__ = ["model_config_from_recipe", "parameter_counts", "train", "TrainResult", "resolve_resume"]
 
 
-def model_config_from_recipe(recipe: Any, vocab_size: int) -> dict[str, Any]:
-    """The :class:`ternkit.models.config.XLSTMLMConfig` dict a recipe describes, with the data's vocab size."""
-    from ternkit.models.config import TERNARY_PROJECTIONS
-
-    m, q = recipe.model, recipe.quant
-    ternary = list(TERNARY_PROJECTIONS) if m.ternary_projections == "all" else list(m.ternary_projections)
-    moe = None
-    if "moe" in m.ffn_kinds():
-        md = m.moe.model_dump()
-        if md.get("hidden") is None:
-            md["hidden"] = max(1, int(round(m.ffn_factor * m.d_model / md["top_k"])))
-        md["ternary"] = "ffn" in ternary
-        md["ternary_scale"] = q.scale
-        md["ternary_group_size"] = q.group_size
-        md["act_bits"] = q.act_bits
-        moe = md
-    if m.tie_embeddings and "head" in ternary:
-        ternary.remove("head")  # a tied head shares the float embedding; "all" means every untied projection
-    return {
-        "vocab_size": int(m.vocab_size or vocab_size), "d_model": m.d_model, "n_blocks": m.n_blocks,
-        "n_heads": m.n_heads, "context_length": m.context_length, "proj_factor": m.proj_factor,
-        "conv_kernel": m.conv_kernel, "qkv_blocksize": m.qkv_blocksize, "chunk_size": m.chunk_size,
-        "gate_mode": m.gate_mode, "memory_backend": m.memory_backend, "target_sparsity": m.target_sparsity,
-        "ternary": ternary, "ternary_scale": q.scale, "ternary_group_size": q.group_size, "act_bits": q.act_bits,
-        "ffn": m.ffn if isinstance(m.ffn, str) else list(m.ffn), "ffn_factor": m.ffn_factor, "moe": moe,
-        "tie_embeddings": m.tie_embeddings, "forget_bias_init": [float(v) for v in m.forget_bias_init],
-    }
+def model_config_from_recipe(recipe: Recipe, vocab_size: int) -> ModelConfig:
+    """The recipe's model config with the data's vocabulary size filled in (a recipe's own vocab_size wins)."""
+    return recipe.model.with_vocab(vocab_size)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -107,7 +85,7 @@ class TrainResult:
                 "replicas": self.replicas, "replicas_identical": self.replicas_identical}
 
 
-def _loggers(recipe: Any, run_dir: Path) -> list[Any]:
+def _loggers(recipe: Recipe, run_dir: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger
 
     out: list[Any] = []
@@ -137,7 +115,7 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _strategy(name: str, cfg: dict[str, Any]) -> Any:
+def _strategy(name: str, cfg: ModelConfig) -> Any:
     """Lightning strategy for ``trainer.strategy``; plain DDP gets ternkit's settings, anything else passes through.
 
     ternkit keeps its own buffers (integer accumulators, STC tau, MoE bias) identical across ranks by
@@ -150,7 +128,7 @@ def _strategy(name: str, cfg: dict[str, Any]) -> Any:
         return name
     from lightning.pytorch.strategies import DDPStrategy
 
-    return DDPStrategy(broadcast_buffers=False, find_unused_parameters=cfg.get("moe") is not None)
+    return DDPStrategy(broadcast_buffers=False, find_unused_parameters="moe" in cfg.ffn_kinds())
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -201,7 +179,7 @@ def _step_progress_bar() -> type:
     return StepProgressBar
 
 
-def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progress: bool = True,
+def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, progress: bool = True,
           console: Any = None) -> TrainResult:
     """Train the model a recipe describes, writing ``runs/<name>/`` (recipe, tokenizer, checkpoints, logs, summary).
 
@@ -238,13 +216,13 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     tok_changed = had_tok and dm.tokenizer is not None and tok_file.read_bytes() != _tokenizer_bytes(dm.tokenizer)
     if tok_changed and ckpt_path is None and not dry_run:
         dm.tokenizer.save(run_dir)  # a new run in a folder left by an earlier attempt: this recipe's tokenizer wins
-    if ckpt_cfg is not None and ckpt_cfg.get("vocab_size") != cfg["vocab_size"]:
-        raise TernkitError(f"the checkpoint's vocabulary ({ckpt_cfg.get('vocab_size')}) does not match this recipe's "
-                           f"tokenizer ({cfg['vocab_size']}); resume with the tokenizer the run was trained with.")
     if ckpt_cfg is not None:
-        from ternkit.models.config import XLSTMLMConfig
-
-        want = XLSTMLMConfig.from_dict(cfg).to_dict()
+        ckpt_cfg = ModelConfig.from_dict(ckpt_cfg).to_dict()  # an older checkpoint's format, migrated
+    if ckpt_cfg is not None and ckpt_cfg.get("vocab_size") != cfg.vocab_size:
+        raise TernkitError(f"the checkpoint's vocabulary ({ckpt_cfg.get('vocab_size')}) does not match this recipe's "
+                           f"tokenizer ({cfg.vocab_size}); resume with the tokenizer the run was trained with.")
+    if ckpt_cfg is not None:
+        want = cfg.to_dict()
         diff = [k for k in want if k != "extra" and want[k] != ckpt_cfg.get(k)]
         if diff:
             shown = ", ".join(f"{k}={ckpt_cfg.get(k)!r} vs {want[k]!r}" for k in diff[:3])
@@ -253,7 +231,7 @@ def train(recipe: Any, resume: str | None = None, dry_run: bool = False, progres
     if ckpt_path is not None and tok_changed:
         raise TernkitError(f"this recipe's tokenizer differs from the one {run_dir} was trained with (tokenizer.json); "
                            "resume with the run's own recipe.yaml.")
-    module = TernkitLM(cfg, recipe.optimizer.model_dump(mode="json"), recipe.schedule.model_dump(mode="json"),
+    module = TernkitLM(cfg.to_dict(), recipe.optimizer.model_dump(mode="json"), recipe.schedule.model_dump(mode="json"),
                        recipe.trainer.max_steps, run_info={"run_dir": str(run_dir), "name": recipe.name})
     counts = parameter_counts(module.model)
     result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None)
