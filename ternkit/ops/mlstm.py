@@ -16,18 +16,30 @@ Gate modes:
   g != 0 and m_t = i~_t where g = 0, and f'_t = g_t * exp(m_{t-1} - m_t). Writing f' with g as a
   factor lets the straight-through gradient reach g in every form, also where g = 0 (the
   derivative of the memory w.r.t. g is then the memory that was cleared). The stabilizer m
-  depends on g only through which gates are zero, so m carries no gradient to g.
+  depends on g only through which gates are zero, so m carries no gradient to g. Keep (+1) with
+  no write preserves the memory bit for bit.
+- ``"ternary_decay"``: the forget gate is t_t * a_t with the sign t_t = ternary_gate(f~_t) as in
+  ``"ternary"`` and the magnitude log a_t = logsigmoid(|f~_t|) (exact gradient; a in (0.63, 1)
+  wherever t != 0), from :func:`ternkit.ops.stc.ternary_decay_gate`. It is the ternary branch
+  with log a added where the memory survives: m_t = max(log a_t + m_{t-1}, i~_t) where t != 0,
+  m_t = i~_t where t = 0, and f'_t = t_t * exp(log a_t + m_{t-1} - m_t) (``"ternary"`` is
+  log a = 0). For f~ > 0.5493 this is exactly the sigmoid gate sigmoid(f~), for f~ < -0.5493 it
+  negates and decays by sigmoid(|f~|), in between it clears. There is no exact preserve: a -> 1
+  only as f~ -> inf (the stabilized C can still come back unchanged, with the decay moved into
+  m). m depends on log a, so here m does carry gradient to f~ (as in sigmoid mode), on top of the
+  straight-through term: d g / d f~ = (1 - tanh(f~)^2) * a + t * d a / d f~.
 
 Parallel and chunkwise reproduce the recurrent m_t exactly (the initial-state term included),
-so all forms compute the same function and agree in forward and backward. In ternary mode the
-decay between positions s < t is prod_{r=s+1..t} g_r, exactly -1, 0 or +1: it is computed in
-linear space with a cumulative product, whose autograd handles the zeros; only the exp(i~) terms
-need the stabilizer there.
+so all forms compute the same function and agree in forward and backward. In the ternary modes
+the sign of the decay between positions s < t is prod_{r=s+1..t} t_r, exactly -1, 0 or +1: it is
+computed in linear space with a cumulative product, whose autograd handles the zeros; only the
+exp(i~) terms and, in ``"ternary_decay"``, the cumulative sum of log a (as log f in sigmoid
+mode) go through the stabilized exponent.
 
-The straight-through derivative w.r.t. a cleared gate g_r = 0 is the cleared memory seen in the
-frame of step r, which carries the factor exp(m_{r-1} - m_r) > 0 that can be huge (the old
-memory was written far more strongly than the new one). Its forward value is 0 (it multiplies
-g_r = 0), so the step caps that exponent at 30 nats to keep the gradient finite; the parallel
+The straight-through derivative w.r.t. a cleared gate t_r = 0 is the cleared memory seen in the
+frame of step r, which carries the factor exp(log a_r + m_{r-1} - m_r) > 0 (log a = 0 in
+``"ternary"``) that can be huge (the old memory was written far more strongly than the new one).
+Its forward value is 0 (it multiplies t_r = 0), so the step caps that exponent at 30 nats to keep the gradient finite; the parallel
 and chunkwise forms subtract the same excess at the single zero on a path, so all forms still
 agree exactly, gradients included.
 
