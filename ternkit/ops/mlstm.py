@@ -348,7 +348,7 @@ def _blocks(
         # recurrent step clips exactly there, and every path with one zero passes that zero.
         m_prev = torch.cat([m_in, m_t[..., :-1]], dim=-1)
         if log_decay is not None:
-            m_prev = log_decay + m_prev
+            m_prev = log_decay + m_prev  # the step's log a_t + m_{t-1}
         excess = torch.relu(m_prev - m_t - _MAX_CLEARED_EXP)
         pos = torch.arange(L, device=q.device).expand_as(is_zero)
         last_zero = torch.cummax(torch.where(is_zero, pos, torch.full_like(pos, -1)), dim=-1).values
