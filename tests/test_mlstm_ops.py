@@ -14,12 +14,14 @@ from ternkit.ops.mlstm import (
     mlstm_parallel,
     mlstm_recurrent,
     mlstm_recurrent_step,
+    ternary_decay_gate,
     ternary_gate,
 )
-from ternkit.ops.stc import skip_fraction, stc_quantize
+from ternkit.ops.stc import TERNARY_GATE_THRESHOLD, skip_fraction, stc_quantize
 
 B, NH, DH = 2, 2, 8
-MODES = ("sigmoid", "ternary")
+MODES = ("sigmoid", "ternary", "ternary_decay")
+KEEP_MIN = math.atanh(TERNARY_GATE_THRESHOLD)  # |f~| above this: the ternary sign is non-zero
 FWD = dict(atol=1e-4, rtol=1e-3)
 BWD = dict(atol=1e-3, rtol=1e-2)
 
@@ -54,11 +56,16 @@ def assert_close(actual, expected, tol, what):
 
 
 def naive_mlstm(q, k, v, i, f, mode, eps):
-    """Plain unstabilized mLSTM (float64): C_t = f_t C + exp(i~_t) k v^T, h = C^T q / (max(|n.q|, 1) + eps)."""
+    """Plain unstabilized mLSTM (float64): C_t = f_t C + exp(i~_t) k v^T, h = C^T q / (max(|n.q|, 1) + eps).
+
+    The gate f_t is sigmoid(f~), ternary_gate(f~) or ternary_gate(f~) * sigmoid(|f~|), written
+    directly in linear space, so its autograd gradient is the definition's (straight-through in t).
+    """
     Bq, NHq, S, D = q.shape
-    C = torch.zeros(Bq, NHq, D, D, dtype=torch.float64)
-    n = torch.zeros(Bq, NHq, D, dtype=torch.float64)
-    gate = torch.sigmoid(f) if mode == "sigmoid" else ternary_gate(f)
+    C = q.new_zeros(Bq, NHq, D, D)
+    n = q.new_zeros(Bq, NHq, D)
+    gate = {"sigmoid": lambda: torch.sigmoid(f), "ternary": lambda: ternary_gate(f),
+            "ternary_decay": lambda: ternary_gate(f) * torch.sigmoid(f.abs())}[mode]()
     hs = []
     for t in range(S):
         kt = k[:, :, t] / math.sqrt(D)
@@ -92,6 +99,19 @@ def test_all_forms_equal_naive_unstabilized_mlstm(mode):
     assert (h - expected).abs().max().item() > 0.0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_all_forms_have_the_gradients_of_naive_unstabilized_mlstm(mode):
+    # The naive model writes the gate in linear space (ternary_decay: ternary_gate(f~) * sigmoid(|f~|)),
+    # so its autograd gradient is the definition d g / d f~ = STE(t) * a + t * d a / d f~; the
+    # stabilized forms must give the same gradients of q, k, v, i~ and f~ (small i~: no 30-nat cap).
+    inputs = make_inputs(12, seed=1, i_scale=1.0)
+    _, g_ref, _ = fwd_bwd(naive_mlstm, inputs, mode=mode, eps=0.0)
+    for fn, kw in [(mlstm_recurrent, {}), (mlstm_parallel, {}), (mlstm_chunkwise, {"chunk_size": 5})]:
+        _, grads, _ = fwd_bwd(fn, inputs, gate_mode=mode, eps=0.0, **kw)
+        for name, g, gr in zip("qkvif", grads, g_ref):
+            assert_close(g, gr, dict(atol=1e-10, rtol=1e-9), f"{fn.__name__} d{name}")
+
+
 def test_states_start_at_zero_and_first_step_matches_formula():
     q, k, v, i, f = (t[:, :, 0] for t in make_inputs(1, seed=2))
     h, (C, n, m) = mlstm_recurrent_step(q, k, v, i, f)
@@ -114,6 +134,22 @@ def test_gradients_are_the_derivative_of_the_forward(mode):
         else:
             assert torch.autograd.gradcheck(lambda *a: fn(*a, f, gate_mode=mode, **kw),
                                             tuple(t.clone().requires_grad_() for t in (q, k, v, i)))
+
+
+def test_ternary_decay_magnitude_gradient_is_exact(monkeypatch):
+    # gradcheck w.r.t. f~ too, with the straight-through term switched off (t detached): what is
+    # left, through log a = logsigmoid(|f~|) in m and in every exponent, must be the exact derivative.
+    import ternkit.ops.stc as stc
+
+    ste_gate = stc.ternary_gate
+    monkeypatch.setattr(stc, "ternary_gate", lambda x: ste_gate(x.detach()))
+    q, k, v, i, f = (t[:1, :1] for t in make_inputs(6, seed=4, i_scale=1.0))
+    f = torch.where((f.abs() - KEEP_MIN).abs() < 1e-2, f + 0.1, f)  # keep t locally constant for the differences
+    f[..., 2] = 0.2  # and one cleared gate
+    assert ((f.abs() - KEEP_MIN).abs() > 1e-3).all() and (f.abs() < KEEP_MIN).any() and (f < -KEEP_MIN).any()
+    for fn, kw in [(mlstm_recurrent, {}), (mlstm_parallel, {}), (mlstm_chunkwise, {"chunk_size": 4})]:
+        assert torch.autograd.gradcheck(lambda *a: fn(*a, gate_mode="ternary_decay", **kw),
+                                        tuple(t.clone().requires_grad_() for t in (q, k, v, i, f)))
 
 
 def test_empty_sequence():
@@ -292,14 +328,128 @@ def test_ternary_keep_clear_negate_on_the_memory():
     torch.testing.assert_close(m3, low_i)
 
 
-def test_ternary_gate_gradient_flows_through_cleared_gate():
+@pytest.mark.parametrize("mode", ["ternary", "ternary_decay"])
+def test_ternary_gate_gradient_flows_through_cleared_gate(mode):
     # With a cleared gate the loss still depends on g (STE): d loss / d f~ at that step is non-zero.
     q, k, v, i, f = make_inputs(6, seed=8)
     f = f.clone()
     f[:, :, 3] = 0.1  # g = 0 at t = 3
     for fn, kw in [(mlstm_recurrent, {}), (mlstm_parallel, {}), (mlstm_chunkwise, {"chunk_size": 4})]:
-        _, grads, _ = fwd_bwd(fn, (q, k, v, i, f), gate_mode="ternary", **kw)
+        _, grads, _ = fwd_bwd(fn, (q, k, v, i, f), gate_mode=mode, **kw)
         assert (grads[4][:, :, 3].abs() > 1e-6).all(), fn.__name__
+
+
+# ----------------------------------------------------------------------------- ternary_decay gate semantics
+
+
+def test_ternary_decay_gate_values_and_gradient():
+    f = torch.tensor([-3.0, -0.6, -0.5, 0.0, 0.5, 0.6, 3.0], dtype=torch.float64, requires_grad=True)
+    t, log_a = ternary_decay_gate(f)
+    assert t.tolist() == [-1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    fd = f.detach()
+    torch.testing.assert_close(log_a, torch.nn.functional.logsigmoid(fd.abs()), atol=0, rtol=0)
+    assert (torch.exp(log_a)[t != 0] > 0.63).all() and (torch.exp(log_a) < 1).all()
+    g = t * torch.exp(log_a)
+    torch.testing.assert_close(g[fd > KEEP_MIN], torch.sigmoid(fd[fd > KEEP_MIN]))  # keep = the sigmoid gate
+    w = torch.arange(1.0, 8.0, dtype=torch.float64)
+    (g * w).sum().backward()
+    a = torch.sigmoid(fd.abs())
+    expected = (1 - torch.tanh(fd) ** 2) * a + t.detach() * torch.sign(fd) * a * (1 - a)
+    torch.testing.assert_close(f.grad, w * expected, atol=1e-12, rtol=1e-12)
+
+
+def test_ternary_decay_equals_sigmoid_where_every_gate_keeps(monkeypatch):
+    # f~ > 0.5493 everywhere: t = +1 and log a = logsigmoid(f~), so every form is the sigmoid model,
+    # h, final state and gradients of q, k, v, i~ included (fp32, 1e-6). The gradient of f~ differs
+    # by the straight-through term only: with t detached it is the sigmoid one too.
+    import ternkit.ops.stc as stc
+
+    q, k, v, i, _ = (t.float() for t in make_inputs(93, seed=14))
+    f = torch.empty(B, NH, 93).uniform_(KEEP_MIN + 0.01, 6.0, generator=torch.Generator().manual_seed(15))
+    tol = dict(atol=1e-6, rtol=0.0)
+    forms = [(mlstm_recurrent, {"return_final_state": True}), (mlstm_parallel, {}),
+             (mlstm_chunkwise, {"chunk_size": 16, "return_final_state": True})]
+    for fn, kw in forms:
+        h_s, g_s, st_s = fwd_bwd(fn, (q, k, v, i, f), gate_mode="sigmoid", **kw)
+        h_d, g_d, st_d = fwd_bwd(fn, (q, k, v, i, f), gate_mode="ternary_decay", **kw)
+        assert_close(h_d, h_s, tol, f"{fn.__name__} h")
+        for name, a, b in zip("qkvi", g_d, g_s):
+            assert_close(a, b, tol, f"{fn.__name__} d{name}")
+        assert not torch.allclose(g_d[4], g_s[4])  # the straight-through term is there
+        for name, a, b in zip("Cnm", st_d or (), st_s or ()):
+            assert_close(a, b, tol, f"{fn.__name__} final {name}")
+    ste_gate = stc.ternary_gate
+    monkeypatch.setattr(stc, "ternary_gate", lambda x: ste_gate(x.detach()))
+    for fn, kw in forms:
+        _, g_s, _ = fwd_bwd(fn, (q, k, v, i, f), gate_mode="sigmoid", **kw)
+        _, g_d, _ = fwd_bwd(fn, (q, k, v, i, f), gate_mode="ternary_decay", **kw)
+        assert_close(g_d[4], g_s[4], tol, f"{fn.__name__} df without the straight-through term")
+
+
+def test_ternary_decay_negation_flips_the_memory_and_decays_it():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, NH, DH, generator=g) for _ in range(3))
+    i, f = torch.full((B, NH), 2.0), torch.full((B, NH), 5.0)
+    _, state = mlstm_recurrent_step(q, k, v, i, f, gate_mode="ternary_decay")
+    C, n, m = state
+    zero = torch.zeros_like(k)
+    log_a = torch.nn.functional.logsigmoid(f)
+    low_i = m + log_a - 1.0  # i~ below the decayed m: the stabilizer takes the decay
+    _, (C1, n1, m1) = mlstm_recurrent_step(q, zero, v, low_i, f, state=state, gate_mode="ternary_decay")
+    h2, (C2, n2, m2) = mlstm_recurrent_step(q, zero, v, low_i, -f, state=state, gate_mode="ternary_decay")
+    # no exact preserve: the memory exp(m) C decays by a = sigmoid(5); the stabilized C carries the sign
+    assert torch.equal(C1, C) and torch.equal(C2, -C) and torch.equal(n2, -n)
+    assert torch.equal(m1, m + log_a) and torch.equal(m2, m + log_a)
+    torch.testing.assert_close(torch.exp(m2)[..., None, None] * C2,
+                               -torch.sigmoid(f)[..., None, None] * torch.exp(m)[..., None, None] * C)
+    # the same step in sigmoid mode with f~ = +5 gives the unflipped state
+    h_s, (C_s, n_s, m_s) = mlstm_recurrent_step(q, zero, v, low_i, f, state=state, gate_mode="sigmoid")
+    assert torch.equal(C2, -C_s) and torch.equal(n2, -n_s) and torch.equal(m2, m_s) and torch.equal(h2, -h_s)
+    # every form: a last gate -f~ instead of +f~ with no write flips the final memory and the last h
+    q, k, v, i, f = (t.float() for t in make_inputs(37, seed=16))
+    f = f.abs() + 1.0
+    k[:, :, -1] = 0.0
+    f_neg = f.clone()
+    f_neg[:, :, -1] = -f[:, :, -1]
+    for fn, kw in [(mlstm_recurrent, {}), (mlstm_chunkwise, {"chunk_size": 16}), (mlstm_chunkwise, {"chunk_size": 37})]:
+        h_p, (C_p, n_p, m_p) = fn(q, k, v, i, f, gate_mode="ternary_decay", return_final_state=True, **kw)
+        h_n, (C_n, n_n, m_n) = fn(q, k, v, i, f_neg, gate_mode="ternary_decay", return_final_state=True, **kw)
+        torch.testing.assert_close(C_n, -C_p, atol=1e-6, rtol=0)
+        torch.testing.assert_close(n_n, -n_p, atol=1e-6, rtol=0)
+        torch.testing.assert_close(m_n, m_p, atol=0, rtol=0)
+        torch.testing.assert_close(h_n[:, :, -1], -h_p[:, :, -1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(h_n[:, :, :-1], h_p[:, :, :-1], atol=0, rtol=0)
+
+
+def test_ternary_decay_clear_resets_m_and_forgets_the_history():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, NH, DH, generator=g) for _ in range(3))
+    _, state = mlstm_recurrent_step(q, k, v, torch.full((B, NH), 2.0), torch.full((B, NH), 5.0),
+                                    gate_mode="ternary_decay")
+    low_i = state[2] - 3.0  # below the decayed m: only a clear can move m there
+    h, (C, n, m) = mlstm_recurrent_step(q, torch.zeros_like(k), v, low_i, torch.full((B, NH), 0.3), state=state,
+                                        gate_mode="ternary_decay")
+    assert torch.count_nonzero(C) == 0 and torch.count_nonzero(n) == 0 and torch.count_nonzero(h) == 0
+    assert torch.equal(m, low_i)
+    # every form: after a clear at r = 21 (mid-chunk), h and the final state do not depend on what came before
+    r = 21
+    a, b = list(make_inputs(40, seed=17)), list(make_inputs(40, seed=18))  # float64
+    for x in (a, b):
+        x[4][:, :, r] = 0.3
+    b = [torch.cat([tb[:, :, :r], ta[:, :, r:]], dim=2) for ta, tb in zip(a, b)]  # new history, same future
+    assert not torch.equal(a[0], b[0])
+    # The recurrent step forgets exactly; the block forms up to the rounding of the in-chunk sum of log a,
+    # which runs across the clear.
+    for fn, kw, tol in [(mlstm_recurrent, {}, 0.0), (mlstm_chunkwise, {"chunk_size": 8}, 1e-12),
+                        (mlstm_chunkwise, {"chunk_size": 40}, 1e-12)]:
+        h_a, st_a = fn(*a, gate_mode="ternary_decay", return_final_state=True, **kw)
+        h_b, st_b = fn(*b, gate_mode="ternary_decay", return_final_state=True, **kw)
+        assert not torch.allclose(h_a[:, :, :r], h_b[:, :, :r])
+        torch.testing.assert_close(h_b[:, :, r:], h_a[:, :, r:], atol=tol, rtol=tol)
+        for x, y in zip(st_b, st_a):
+            torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+        _, (_, _, m_r) = fn(*(t[:, :, :r + 1] for t in a), gate_mode="ternary_decay", return_final_state=True, **kw)
+        torch.testing.assert_close(m_r, a[3][:, :, r], atol=tol, rtol=tol)  # m reset to i~_r at the clear
 
 
 # ----------------------------------------------------------------------------- sparse write in the step

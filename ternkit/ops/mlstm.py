@@ -16,18 +16,30 @@ Gate modes:
   g != 0 and m_t = i~_t where g = 0, and f'_t = g_t * exp(m_{t-1} - m_t). Writing f' with g as a
   factor lets the straight-through gradient reach g in every form, also where g = 0 (the
   derivative of the memory w.r.t. g is then the memory that was cleared). The stabilizer m
-  depends on g only through which gates are zero, so m carries no gradient to g.
+  depends on g only through which gates are zero, so m carries no gradient to g. Keep (+1) with
+  no write preserves the memory bit for bit.
+- ``"ternary_decay"``: the forget gate is t_t * a_t with the sign t_t = ternary_gate(f~_t) as in
+  ``"ternary"`` and the magnitude log a_t = logsigmoid(|f~_t|) (exact gradient; a in (0.63, 1)
+  wherever t != 0), from :func:`ternkit.ops.stc.ternary_decay_gate`. It is the ternary branch
+  with log a added where the memory survives: m_t = max(log a_t + m_{t-1}, i~_t) where t != 0,
+  m_t = i~_t where t = 0, and f'_t = t_t * exp(log a_t + m_{t-1} - m_t) (``"ternary"`` is
+  log a = 0). For f~ > 0.5493 this is exactly the sigmoid gate sigmoid(f~), for f~ < -0.5493 it
+  negates and decays by sigmoid(|f~|), in between it clears. There is no exact preserve: a -> 1
+  only as f~ -> inf (the stabilized C can still come back unchanged, with the decay moved into
+  m). m depends on log a, so here m does carry gradient to f~ (as in sigmoid mode), on top of the
+  straight-through term: d g / d f~ = (1 - tanh(f~)^2) * a + t * d a / d f~.
 
 Parallel and chunkwise reproduce the recurrent m_t exactly (the initial-state term included),
-so all forms compute the same function and agree in forward and backward. In ternary mode the
-decay between positions s < t is prod_{r=s+1..t} g_r, exactly -1, 0 or +1: it is computed in
-linear space with a cumulative product, whose autograd handles the zeros; only the exp(i~) terms
-need the stabilizer there.
+so all forms compute the same function and agree in forward and backward. In the ternary modes
+the sign of the decay between positions s < t is prod_{r=s+1..t} t_r, exactly -1, 0 or +1: it is
+computed in linear space with a cumulative product, whose autograd handles the zeros; only the
+exp(i~) terms and, in ``"ternary_decay"``, the cumulative sum of log a (as log f in sigmoid
+mode) go through the stabilized exponent.
 
-The straight-through derivative w.r.t. a cleared gate g_r = 0 is the cleared memory seen in the
-frame of step r, which carries the factor exp(m_{r-1} - m_r) > 0 that can be huge (the old
-memory was written far more strongly than the new one). Its forward value is 0 (it multiplies
-g_r = 0), so the step caps that exponent at 30 nats to keep the gradient finite; the parallel
+The straight-through derivative w.r.t. a cleared gate t_r = 0 is the cleared memory seen in the
+frame of step r, which carries the factor exp(log a_r + m_{r-1} - m_r) > 0 (log a = 0 in
+``"ternary"``) that can be huge (the old memory was written far more strongly than the new one).
+Its forward value is 0 (it multiplies t_r = 0), so the step caps that exponent at 30 nats to keep the gradient finite; the parallel
 and chunkwise forms subtract the same excess at the single zero on a path, so all forms still
 agree exactly, gradients included.
 
@@ -43,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ternkit.errors import TernkitError
-from ternkit.ops.stc import STAT_KEYS, ternary_gate
+from ternkit.ops.stc import STAT_KEYS, ternary_decay_gate, ternary_gate
 
 __all__ = [
     "GATE_MODES",
@@ -52,11 +64,12 @@ __all__ = [
     "mlstm_parallel",
     "mlstm_chunkwise",
     "ternary_gate",
+    "ternary_decay_gate",
 ]
 
-GATE_MODES = ("sigmoid", "ternary")
+GATE_MODES = ("sigmoid", "ternary", "ternary_decay")
 
-# Cap on the exponent m_{r-1} - m_r at a cleared gate (the only positive exponent); see the module doc.
+# Cap on the exponent (log a_r +) m_{r-1} - m_r at a cleared gate (the only positive exponent); see the module doc.
 _MAX_CLEARED_EXP = 30.0
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -155,10 +168,16 @@ def mlstm_recurrent_step(
         m_new = torch.maximum(log_f + m, i)
         f_scale = torch.exp(log_f + m - m_new)
     else:
-        g = ternary_gate(f)
+        # Sign g in {-1, 0, +1}, magnitude log a; "ternary" is log a = 0, and skips the addition
+        # (m + 0.0 would turn m = -0.0 into +0.0) so that keep stays bit for bit.
+        if gate_mode == "ternary":
+            g, m_decayed = ternary_gate(f), m
+        else:
+            g, log_a = ternary_decay_gate(f)
+            m_decayed = log_a + m
         cleared = g.detach() == 0
-        m_new = torch.where(cleared, i, torch.maximum(m, i))
-        f_scale = g * torch.exp((m - m_new).clamp(max=_MAX_CLEARED_EXP))
+        m_new = torch.where(cleared, i, torch.maximum(m_decayed, i))
+        f_scale = g * torch.exp((m_decayed - m_new).clamp(max=_MAX_CLEARED_EXP))
     i_scale = torch.exp(i - m_new)
 
     if sparse_write:
@@ -267,40 +286,55 @@ def _blocks(
     q, k, v, i, f = _upcast(q, k, v, i, f)
     NC = max(1, -(-S // L))
     pad = NC * L - S
-    ternary = gate_mode == "ternary"
+    signed = gate_mode != "sigmoid"  # "ternary" and "ternary_decay": a sign g in {-1, 0, +1} in linear space
     k = k * (DH ** -0.5)
-    decay = ternary_gate(f) if ternary else F.logsigmoid(f)  # g in {-1, 0, +1} or log f
+    # g: the sign (None in sigmoid mode); log_decay: log f, log a, or None for "ternary" (log a = 0,
+    # whose additions are skipped so that its numbers stay bit for bit those of the pure sign path).
+    if gate_mode == "sigmoid":
+        g, log_decay = None, F.logsigmoid(f)
+    elif gate_mode == "ternary":
+        g, log_decay = ternary_gate(f), None
+    else:
+        g, log_decay = ternary_decay_gate(f)
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        decay = F.pad(decay, (0, pad), value=1.0 if ternary else 0.0)
+        g = None if g is None else F.pad(g, (0, pad), value=1.0)
+        log_decay = None if log_decay is None else F.pad(log_decay, (0, pad), value=0.0)
         i = F.pad(i, (0, pad), value=float("-inf"))
     q, k, v = (t.reshape(B, NH, NC, L, DH) for t in (q, k, v))
-    i, decay = i.reshape(B, NH, NC, L), decay.reshape(B, NH, NC, L)
+    i = i.reshape(B, NH, NC, L)
+    g = None if g is None else g.reshape(B, NH, NC, L)
+    log_decay = None if log_decay is None else log_decay.reshape(B, NH, NC, L)
     C, n, m = _zero_state(q) if state is None else _upcast(*state)
 
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     neg_inf = torch.full((), float("-inf"), dtype=q.dtype, device=q.device)
     i_src = i.unsqueeze(-2)  # (B, NH, NC, 1, L): source s along the last dim
-    if ternary:
-        # Decay s -> t is P[t, s] in {-1, 0, +1}; count the zeros on each path to tell live (0),
+    if log_decay is not None:
+        log_start = torch.cumsum(log_decay, dim=-1)  # log decay magnitude from the block start through t
+        log_src = i_src + log_start.unsqueeze(-1) - log_start.unsqueeze(-2)  # i~_s + log decay s -> t
+    else:
+        log_src = i_src
+    if signed:
+        # Sign of the decay s -> t is P[t, s] in {-1, 0, +1}; count the zeros on each path to tell live (0),
         # cleared once (1: forward 0, gradient to that one gate) and cleared twice or more (no gradient).
-        P = _segment_products(decay)
-        from_start = torch.cumprod(decay, dim=-1)  # decay from the block start through t
-        is_zero = decay.detach() == 0
+        P = _segment_products(g)
+        from_start = torch.cumprod(g, dim=-1)  # sign of the decay from the block start through t
+        is_zero = g.detach() == 0
         zc = torch.cumsum(is_zero, dim=-1)
         path_zeros = zc.unsqueeze(-1) - zc.unsqueeze(-2)
-        mi = torch.where(causal & (path_zeros == 0), i_src, neg_inf).amax(dim=-1)
+        mi = torch.where(causal & (path_zeros == 0), log_src, neg_inf).amax(dim=-1)
     else:
-        log_start = torch.cumsum(decay, dim=-1)  # log decay from the block start through t
-        log_src = torch.where(causal, i_src + log_start.unsqueeze(-1) - log_start.unsqueeze(-2), neg_inf)
+        log_src = torch.where(causal, log_src, neg_inf)
         mi = log_src.amax(dim=-1)
     mi = _finite_or_zero(mi)
 
     def m_after(m_in: torch.Tensor, c: int | slice) -> torch.Tensor:
         """m_t from the incoming stabilizer m_in of a block and the block's own live sources mi."""
-        if ternary:
-            return torch.where(zc[..., c, :] == 0, torch.maximum(m_in, mi[..., c, :]), mi[..., c, :])
-        return torch.maximum(m_in + log_start[..., c, :], mi[..., c, :])
+        m_carried = m_in if log_decay is None else m_in + log_start[..., c, :]
+        if signed:
+            return torch.where(zc[..., c, :] == 0, torch.maximum(m_carried, mi[..., c, :]), mi[..., c, :])
+        return torch.maximum(m_carried, mi[..., c, :])
 
     m_in_list = []
     for c in range(NC):
@@ -309,17 +343,20 @@ def _blocks(
     m_in = torch.stack(m_in_list, dim=2).unsqueeze(-1)  # (B, NH, NC, 1)
     m_t = m_after(m_in, slice(None))  # (B, NH, NC, L)
 
-    if ternary:
+    if signed:
         # Excess of the cleared-gate exponent over the cap, at the last zero at or before t: the
         # recurrent step clips exactly there, and every path with one zero passes that zero.
         m_prev = torch.cat([m_in, m_t[..., :-1]], dim=-1)
+        if log_decay is not None:
+            m_prev = log_decay + m_prev  # the step's log a_t + m_{t-1}
         excess = torch.relu(m_prev - m_t - _MAX_CLEARED_EXP)
         pos = torch.arange(L, device=q.device).expand_as(is_zero)
         last_zero = torch.cummax(torch.where(is_zero, pos, torch.full_like(pos, -1)), dim=-1).values
         excess_z = torch.gather(excess, -1, last_zero.clamp(min=0))
-        expo = i_src - m_t.unsqueeze(-1) - torch.where(path_zeros == 1, excess_z.unsqueeze(-1), 0.0)
+        expo = log_src - m_t.unsqueeze(-1) - torch.where(path_zeros == 1, excess_z.unsqueeze(-1), 0.0)
         D = P * torch.exp(torch.where(causal & (path_zeros <= 1), expo, neg_inf))
-        s_expo = m_in - m_t - torch.where(zc == 1, excess_z, 0.0)
+        s_expo = m_in - m_t if log_decay is None else m_in + log_start - m_t
+        s_expo = s_expo - torch.where(zc == 1, excess_z, 0.0)
         s_scale = from_start * torch.exp(torch.where(zc <= 1, s_expo, neg_inf))
     else:
         D = torch.exp(log_src - m_t.unsqueeze(-1))

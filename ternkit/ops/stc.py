@@ -1,7 +1,7 @@
-"""Sparse Ternary Covariance (STC) ops: the ternary quantizer, the ternary forget gate and the sparse memory write.
+"""Sparse Ternary Covariance (STC) ops: the ternary quantizer, the ternary forget gates and the sparse memory write.
 
-All functions here are stateless. ``stc_quantize`` and ``ternary_gate`` are the forward/backward
-rules used in training (straight-through gradients); ``sparse_memory_write`` is the out-of-place
+All functions here are stateless. ``stc_quantize``, ``ternary_gate`` and ``ternary_decay_gate``
+are the forward/backward rules used in training (straight-through gradients); ``sparse_memory_write`` is the out-of-place
 form of the inference-time write (``ternkit.ops.stc_write``) that skips the zero rows/columns of
 ``k v^T`` and the decay pass when the decay factor is exactly 1.
 """
@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ternkit.errors import TernkitError
 
 __all__ = [
     "stc_quantize",
     "ternary_gate",
+    "ternary_decay_gate",
     "TERNARY_GATE_THRESHOLD",
     "sparse_memory_write",
     "skip_fraction",
@@ -93,6 +95,21 @@ def ternary_gate(f_preact: torch.Tensor) -> torch.Tensor:
     it. The gradient is straight-through the tanh: d g / d f~ := 1 - tanh(f~)^2.
     """
     return _TernaryGate.apply(f_preact)
+
+
+def ternary_decay_gate(f_preact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary-sign forget gate with a decaying magnitude: f~ (any shape) -> (t, log_a), both of f~'s shape.
+
+    The gate is g = t * a with t = :func:`ternary_gate` (f~) in {-1, 0, +1} (sign and clear,
+    straight-through the tanh) and a = sigmoid(|f~|), returned as log_a = logsigmoid(|f~|) with
+    its exact gradient. Where t != 0 (|f~| > atanh(0.5) = 0.5493) a lies in (0.63, 1), so for
+    f~ > 0.5493 the gate is exactly the sigmoid gate sigmoid(f~), for f~ < -0.5493 it negates
+    and decays by sigmoid(|f~|), in between it clears; a reaches 1 only as |f~| -> inf, so unlike
+    :func:`ternary_gate` nothing preserves the memory exactly. d g / d f~ = (1 - tanh(f~)^2) * a +
+    t * d a / d f~. The pair is returned separately so that callers can keep the sign in linear
+    space and the magnitude in log space (see :mod:`ternkit.ops.mlstm`).
+    """
+    return ternary_gate(f_preact), F.logsigmoid(f_preact.abs())
 
 
 @torch.no_grad()
