@@ -518,9 +518,9 @@ QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "stc": ("stc memory", ("model.memory_backend=stc_sparse",)),
     "tgate": ("ternary gate", ("model.gate_mode=ternary",)),
     "stc_tgate": ("stc + ternary gate", ("model.memory_backend=stc_sparse", "model.gate_mode=ternary")),
-    "flagship": ("flagship (main job's model)", (f"model.ternary_projections={_MAIN}", f"model.memory_backend={_MAIN}",
-                                                 f"model.gate_mode={_MAIN}", f"quant.scale={_MAIN}",
-                                                 f"quant.act_bits={_MAIN}", f"quant.group_size={_MAIN}")),
+    "flagship": ("flagship", (f"model.ternary_projections={_MAIN}", f"model.memory_backend={_MAIN}",
+                              f"model.gate_mode={_MAIN}", f"quant.scale={_MAIN}",
+                              f"quant.act_bits={_MAIN}", f"quant.group_size={_MAIN}")),  # the main job's model
 }
 
 #: --set keys the benchmark owns (use steps= and seeds= instead).
