@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["interleaved", "interleaved_per_call", "machine_info", "bench_moe_vs_dense", "bench_kernels", "bench_stc",
-           "bench_generate", "bench_quality", "stc_like", "KERNEL_GOALS", "STC_WRITE_GOAL", "GENERATE_GOAL",
-           "QUALITY_GOAL", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
+           "bench_generate", "bench_quality", "quality_recipes", "quality_diverged", "stc_like", "KERNEL_GOALS",
+           "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
 
 #: Issue 6's goals (candidate speed-up over the fp32 torch baseline in the same run).
 KERNEL_GOALS: dict[int, float] = {1: 8.0, 8: 2.0}  # batch -> ternary_linear vs F.linear
@@ -558,6 +558,16 @@ def _train_losses(run_dir: Any) -> list[float]:
     return [v for v in out if not math.isnan(v)]
 
 
+def quality_diverged(val_loss: float, train_loss: float, logged_train: list[float]) -> bool:
+    """A run diverged: its val loss or final train loss is not finite, or the final train loss exceeds 1.5x the
+    lowest train loss it logged (``logged_train``; the final loss counts as logged)."""
+    import math
+
+    if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+        return True
+    return train_loss > 1.5 * min([*[v for v in logged_train if math.isfinite(v)], train_loss])
+
+
 def quality_recipes(steps: int = 300, variants: list[str] | None = None, sets: list[str] | tuple[str, ...] = (),
                     seed: int | None = None) -> dict[str, Any]:
     """The validated recipe of each requested variant (the twin first), before anything trains.
@@ -661,9 +671,9 @@ def bench_quality(steps: int = 300, seeds: tuple[int, ...] | list[int] = (1234,)
                 seconds = time.perf_counter() - t0
                 val = float("nan") if res.val_loss is None else float(res.val_loss)
                 final = float(res.train_loss)
-                logged = _train_losses(recipe.run_dir) + ([final] if math.isfinite(final) else [])
+                logged = [v for v in _train_losses(recipe.run_dir) + [final] if math.isfinite(v)]
                 low = min(logged) if logged else float("nan")
-                diverged = not math.isfinite(val) or not math.isfinite(final) or final > 1.5 * low
+                diverged = quality_diverged(val, final, logged)
                 run = {"seed": seed, "val_loss": val, "train_loss": final, "min_train_loss": low,
                        "seconds": seconds, "diverged": bool(diverged), "steps": res.steps}
                 per[key].append(run)
