@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["interleaved", "interleaved_per_call", "machine_info", "bench_moe_vs_dense", "bench_kernels", "bench_stc",
-           "bench_generate", "stc_like", "KERNEL_GOALS", "STC_WRITE_GOAL", "GENERATE_GOAL"]
+           "bench_generate", "bench_quality", "quality_recipes", "quality_diverged", "stc_like", "KERNEL_GOALS",
+           "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
 
 #: Speed goals of the compiled ops: candidate speed-up over the fp32 torch baseline in the same run.
 KERNEL_GOALS: dict[int, float] = {1: 8.0, 8: 2.0}  # batch -> ternary_linear vs F.linear
 STC_WRITE_GOAL: tuple[float, float] = (0.10, 10.0)  # (density, write-alone speed-up over the dense update)
 GENERATE_GOAL = 3.0  # decode tokens/s of the packed model over the fp32 model
+QUALITY_GOAL = 1.03  # the flagship's val loss within this factor of the float twin's (same data, seed, steps)
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], baseline: str, repeats: int = 7, warmup: int = 1) -> dict[str, Any]:
@@ -484,3 +486,233 @@ def bench_generate(d_model: int = 1024, blocks: int = 6, prompt_tokens: int = 32
         "latent_cosine": cosine("latent", "packed"),
         "skip_fraction": skip, "decode_s": decode, "prefill_s": prefill,
     }
+
+
+# ------------------------------------------------------------------------------------------ quality
+
+#: The recipe whose model the quality benchmark measures (the main job); the float twin is derived from it.
+QUALITY_BASE = "mlstm_stc"
+
+#: Overrides turning QUALITY_BASE into the float twin at the benchmark size (4 x 128, context 64, batch 12),
+#: with one validation at the end, no sampling, no extra checkpoints and no TensorBoard.
+QUALITY_TWIN: tuple[str, ...] = (
+    "model.gate_mode=sigmoid", "model.memory_backend=dense", "model.ternary_projections=[]",
+    "model.n_blocks=4", "model.d_model=128", "model.n_heads=4", "model.context_length=64",
+    "data.source=stdlib", "tokenizer.kind=byte",
+    "optimizer.name=adamw", "optimizer.lr=2e-3", "optimizer.two_stage=true",
+    "schedule.warmup_steps=50", "schedule.kind=cosine",
+    "trainer.batch_size=12", "trainer.grad_accum=1", "trainer.val_batches=20", "trainer.log_every=10",
+    "trainer.sample_every=0", "trainer.sample_tokens=1", "trainer.devices=1",
+    "checkpoint.every_steps=0", "checkpoint.keep_best=false", "logging.tensorboard=false",
+)
+
+_MAIN = "@main"  # an override value meaning "this key's value in the QUALITY_BASE recipe"
+_TERN = "model.ternary_projections=[up,qkv,down]"
+
+#: key -> (label, overrides relative to the float twin). One line per variant; "twin" must stay first.
+QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "twin": ("float twin", ()),
+    "tern_absmean": ("ternary proj absmean", (_TERN, "quant.scale=absmean")),
+    "tern_lsq": ("ternary proj lsq", (_TERN, "quant.scale=lsq")),
+    "tern_int8": ("ternary proj int8 act", (_TERN, "quant.scale=absmean", "quant.act_bits=8")),
+    "tern_group": ("ternary proj group", (_TERN, "quant.scale=group")),
+    "stc": ("stc memory", ("model.memory_backend=stc_sparse",)),
+    "tgate": ("ternary gate", ("model.gate_mode=ternary",)),
+    "stc_tgate": ("stc + ternary gate", ("model.memory_backend=stc_sparse", "model.gate_mode=ternary")),
+    "flagship": ("flagship", (f"model.ternary_projections={_MAIN}", f"model.memory_backend={_MAIN}",
+                              f"model.gate_mode={_MAIN}", f"quant.scale={_MAIN}",
+                              f"quant.act_bits={_MAIN}", f"quant.group_size={_MAIN}")),  # the main job's model
+}
+
+#: --set keys the benchmark owns (use steps= and seeds= instead).
+_OWNED = {"trainer.max_steps": "--steps", "trainer.val_every": "--steps", "seed": "--seeds"}
+
+
+def _resolve_main(overrides: tuple[str, ...], main: dict[str, Any]) -> list[str]:
+    """``key=@main`` -> ``key=<the main recipe's value>`` (as JSON, which YAML reads back exactly)."""
+    import json
+
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if value == _MAIN:
+            cur: Any = main
+            for part in key.split("."):
+                cur = cur[part]
+            item = f"{key}={json.dumps(cur)}"
+        out.append(item)
+    return out
+
+
+def _train_losses(run_dir: Any) -> list[float]:
+    """Every train/loss logged in ``run_dir/logs/metrics.csv`` (empty when none was logged)."""
+    import csv
+    import math
+    from pathlib import Path
+
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        vals = [r.get("train/loss") or "" for r in csv.DictReader(fh)]
+    out = [float(v) for v in vals if v.strip()]
+    return [v for v in out if not math.isnan(v)]
+
+
+def quality_diverged(val_loss: float, train_loss: float, logged_train: list[float]) -> bool:
+    """A run diverged: its val loss or final train loss is not finite, or the final train loss exceeds 1.5x the
+    lowest train loss it logged (``logged_train``; the final loss counts as logged)."""
+    import math
+
+    if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+        return True
+    return train_loss > 1.5 * min([*[v for v in logged_train if math.isfinite(v)], train_loss])
+
+
+def quality_recipes(steps: int = 300, variants: list[str] | None = None, sets: list[str] | tuple[str, ...] = (),
+                    seed: int | None = None) -> dict[str, Any]:
+    """The validated recipe of each requested variant (the twin first), before anything trains.
+
+    Raises ``TernkitError`` for an unknown variant key, a bad ``--set`` or a ``--set`` of a key the
+    benchmark owns (``trainer.max_steps``, ``trainer.val_every``, ``seed``).
+    """
+    from ternkit.errors import TernkitError
+    from ternkit.recipe import load_recipe
+
+    if steps < 1:
+        raise TernkitError(f"--steps must be at least 1, got {steps}.")
+    wanted = list(dict.fromkeys(variants or QUALITY_VARIANTS))
+    unknown = [v for v in wanted if v not in QUALITY_VARIANTS]
+    if unknown:
+        raise TernkitError(f"unknown variant {unknown[0]!r}; the variants are: {', '.join(QUALITY_VARIANTS)}.")
+    keys = ["twin"] + [v for v in wanted if v != "twin"]  # ratios need the twin, so it always runs, first
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        if key in _OWNED:
+            raise TernkitError(f"--set {item}: the benchmark sets {key} itself; use {_OWNED[key]} instead.")
+    main = load_recipe(QUALITY_BASE).to_dict()
+    fixed = [*QUALITY_TWIN, f"trainer.max_steps={steps}", f"trainer.val_every={steps}"]
+    if seed is not None:
+        fixed.append(f"seed={seed}")
+    return {k: load_recipe(QUALITY_BASE, overrides=[*fixed, *_resolve_main(QUALITY_VARIANTS[k][1], main), *sets])
+            for k in keys}
+
+
+def bench_quality(steps: int = 300, seeds: tuple[int, ...] | list[int] = (1234,), variants: list[str] | None = None,
+                  sets: list[str] | tuple[str, ...] = (), work_dir: Any = None,
+                  on_run: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Train each variant of :data:`QUALITY_VARIANTS` on the same data, seed and steps; compare val loss and time.
+
+    Every variant is the float twin (:data:`QUALITY_BASE` with :data:`QUALITY_TWIN`) plus its own
+    overrides, then ``sets`` (``"a.b=value"``, applied to every variant). One validation at the end
+    over the same fixed val batches. For each seed the variants train in the same order, the twin
+    first. ``seconds`` is the wall time of the ``train()`` call alone: the corpus is tokenized once
+    into a shared cache and a 2-step warm-up run takes the first-call costs (imports, op loading)
+    before anything is timed. A run is ``diverged`` when its val loss is not finite or its final
+    train loss exceeds 1.5x the lowest train loss it logged. ``work_dir``: where the run folders and
+    the token cache go (kept); None -> a temporary folder deleted afterwards. ``on_run(event)`` is
+    called before (``event["done"]`` False) and after (True, with the run's numbers) each training.
+
+    Returns ``{"benchmark": "quality", "machine", "settings", "goal", "variants": [...]}``: per variant
+    its key, label, overrides, per-seed runs (val_loss, train_loss, min_train_loss, seconds,
+    diverged), the means, ``ratio`` (mean val loss / the twin's) and ``time_ratio`` (mean seconds /
+    the twin's; > 1 means slower).
+    """
+    import math
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ternkit.errors import TernkitError
+    from ternkit.train.data import prepare_text_data
+    from ternkit.train.run import train
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise TernkitError("give at least one seed.")
+    recipes = {s: quality_recipes(steps, variants, sets, seed=s) for s in seeds}
+    keys = list(recipes[seeds[0]])
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="ternkit-quality-")
+        root = Path(tmp)
+    else:
+        root = Path(work_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        runs_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=root))  # fresh per call: never an old run's folder
+        cache = recipes[seeds[0]]["twin"].data.cache_dir or str(root / "token-cache")
+
+        def placed(recipe: Any, folder: str) -> Any:
+            r = recipe.model_copy(deep=True)
+            r.checkpoint.dir = str(runs_dir / folder)
+            r.data.cache_dir = cache
+            return r
+
+        twin0 = placed(recipes[seeds[0]]["twin"], "warmup")
+        if not twin0.data.synthetic:
+            prepare_text_data(twin0.data, twin0.tokenizer, cache)
+        warm = twin0.model_copy(deep=True)
+        warm.trainer.max_steps = warm.trainer.val_every = 2
+        warm.trainer.val_batches = 1
+        train(warm, progress=False)
+        shutil.rmtree(runs_dir / "warmup", ignore_errors=True)
+
+        per: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+        total, i = len(keys) * len(seeds), 0
+        for seed in seeds:
+            for key in keys:
+                i += 1
+                event = {"key": key, "label": QUALITY_VARIANTS[key][0], "seed": seed, "index": i, "total": total}
+                if on_run is not None:
+                    on_run({**event, "done": False})
+                recipe = placed(recipes[seed][key], f"{key}-seed{seed}")
+                t0 = time.perf_counter()
+                res = train(recipe, progress=False)
+                seconds = time.perf_counter() - t0
+                val = float("nan") if res.val_loss is None else float(res.val_loss)
+                final = float(res.train_loss)
+                logged = [v for v in _train_losses(recipe.run_dir) + [final] if math.isfinite(v)]
+                low = min(logged) if logged else float("nan")
+                diverged = quality_diverged(val, final, logged)
+                run = {"seed": seed, "val_loss": val, "train_loss": final, "min_train_loss": low,
+                       "seconds": seconds, "diverged": bool(diverged), "steps": res.steps}
+                per[key].append(run)
+                if on_run is not None:
+                    on_run({**event, **run, "done": True})
+                if tmp is not None:
+                    shutil.rmtree(recipe.run_dir, ignore_errors=True)  # a temporary run's checkpoints are not kept
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def mean(vals: list[float]) -> float:
+        return sum(vals) / len(vals)
+
+    twin_loss = mean([r["val_loss"] for r in per["twin"]])
+    twin_s = mean([r["seconds"] for r in per["twin"]])
+    out = []
+    for key in keys:
+        runs = per[key]
+        loss = mean([r["val_loss"] for r in runs])
+        secs = mean([r["seconds"] for r in runs])
+        out.append({
+            "key": key, "label": QUALITY_VARIANTS[key][0], "overrides": list(QUALITY_VARIANTS[key][1]),
+            "val_loss": loss, "seconds": secs, "ratio": 1.0 if key == "twin" else loss / twin_loss,
+            "time_ratio": 1.0 if key == "twin" else secs / twin_s, "diverged": any(r["diverged"] for r in runs),
+            "runs": runs,
+        })
+    from ternkit.recipe import load_recipe
+
+    main = load_recipe(QUALITY_BASE).to_dict()
+    for row in out:
+        row["overrides"] = _resolve_main(QUALITY_VARIANTS[row["key"]][1], main)
+    first = recipes[seeds[0]]["twin"]
+    m, t = first.model, first.trainer
+    settings = {"base": QUALITY_BASE, "steps": steps, "seeds": seeds, "variants": keys, "sets": list(sets),
+                "work_dir": None if work_dir is None else str(work_dir), "threads": torch.get_num_threads(),
+                "n_blocks": m.n_blocks, "d_model": m.d_model, "n_heads": m.n_heads, "context_length": m.context_length,
+                "batch_size": t.batch_size, "val_batches": t.val_batches, "lr": first.optimizer.lr,
+                "twin_overrides": list(QUALITY_TWIN)}
+    return {"benchmark": "quality", "machine": machine_info(), "settings": settings, "goal": QUALITY_GOAL,
+            "variants": out}

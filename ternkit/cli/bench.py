@@ -254,3 +254,79 @@ def bench_generate_cmd(
                   f"unpacked int8 model: {r['latent_match']:.0%}, {r['latent_cosine']:.3f}); "
                   f"sparse-write skip fraction: {r['skip_fraction']:.2f}")
     _write_json(json_path, r)
+
+
+def _seeds(values: Optional[List[str]]) -> List[int]:
+    """--seeds 1 --seeds 2 or --seeds 1,2 (default: the main recipe's seed, 1234)."""
+    from ternkit.errors import TernkitError
+
+    out: List[int] = []
+    for v in values or ["1234"]:
+        for part in v.split(","):
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise TernkitError(f"--seeds {v!r}: seeds are integers, e.g. --seeds 1,2,3.") from None
+    return list(dict.fromkeys(out))
+
+
+@bench_app.command("quality")
+@user_errors
+def bench_quality_cmd(
+    steps: int = typer.Option(300, "--steps", help="Optimizer steps of every variant."),
+    seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="Seeds (repeatable or comma-separated); "
+                                              "default 1234. Several: mean loss and each seed's."),
+    variants: Optional[List[str]] = typer.Option(None, "--variant", help="Variant key (repeatable); default all; "
+                                                 "a wrong key lists them. The float twin always runs."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="key=value recipe override applied to every "
+                                             "variant (repeatable), e.g. model.n_blocks=8."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Keep the run folders and token cache here "
+                                            "(default: a temporary folder, deleted afterwards)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Val loss of ternary variants of the main job's model vs its float twin (same data, seed, steps); the goal:
+    the flagship within 1.03x of the float twin."""
+    from ternkit.bench import QUALITY_GOAL, bench_quality, quality_recipes
+
+    _setup(threads, 1)
+    seed_list = _seeds(seeds)
+    quality_recipes(steps, variants, sets or [])  # a bad --variant or --set fails before anything trains
+    status = console.status("preparing data and warming up", spinner="dots")
+
+    def on_run(ev: dict) -> None:
+        where = f"[{ev['index']}/{ev['total']}] {ev['label']}, seed {ev['seed']}"
+        if not ev["done"]:
+            status.update(f"training {where} ({steps} steps)")
+            return
+        mark = " [red]diverged[/]" if ev["diverged"] else ""
+        console.print(f"{where}: val loss {ev['val_loss']:.4f} in {ev['seconds']:.1f} s{mark}", highlight=False)
+
+    with status:
+        r = bench_quality(steps, seed_list, variants, sets or [], work_dir, on_run=on_run)
+    s = r["settings"]
+    seed_txt = f"seed {seed_list[0]}" if len(seed_list) == 1 else f"mean of seeds {', '.join(map(str, seed_list))}"
+    t = Table(title=f"Quality vs the float twin: {s['n_blocks']} blocks x d_model {s['d_model']}, context "
+                    f"{s['context_length']}, batch {s['batch_size']}, {steps} steps, {seed_txt}",
+              caption=_caption(f"val loss over {s['val_batches']} fixed batches; ratio and time = variant / twin"))
+    t.add_column("key", justify="left")
+    t.add_column("variant", justify="left")
+    t.add_column("val loss", justify="right")
+    if len(seed_list) > 1:
+        t.add_column("per seed", justify="right")
+    for col in ("ratio", "train s", "time", "diverged"):
+        t.add_column(col, justify="right")
+    for v in r["variants"]:
+        cells = [v["key"], v["label"], f"{v['val_loss']:.4f}"]
+        if len(seed_list) > 1:
+            cells.append(" ".join(f"{x['val_loss']:.4f}" for x in v["runs"]))
+        cells += [f"{v['ratio']:.3f}x", f"{v['seconds']:.1f}", f"{v['time_ratio']:.2f}x",
+                  "[red]diverged[/]" if v["diverged"] else "no"]
+        t.add_row(*cells)
+    console.print(t)
+    flag = next((v for v in r["variants"] if v["key"] == "flagship"), None)
+    if flag is not None:
+        ok = flag["ratio"] <= QUALITY_GOAL and not flag["diverged"]
+        console.print(f"flagship val loss {flag['ratio']:.3f}x the float twin's: goal <= {QUALITY_GOAL:g}x "
+                      + ("[green]met[/]" if ok else "[red]missed[/]"), highlight=False)
+    _write_json(json_path, r)
