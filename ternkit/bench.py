@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ternkit.errors import TernkitError
+
 __all__ = ["interleaved", "interleaved_per_call", "machine_info", "bench_moe_vs_dense", "bench_kernels", "bench_stc",
            "bench_generate", "bench_quality", "quality_recipes", "quality_diverged", "stc_like", "KERNEL_GOALS",
            "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
@@ -372,7 +374,7 @@ def dense_baseline(model: nn.Module) -> nn.Module:
     what the model costs without ternkit's kernels. Returns it in eval mode.
     """
     from ternkit.models.mlstm import MLSTMLayer
-    from ternkit.quant.linear import latent_ternary_layers, replace_module
+    from ternkit.modules.linear import latent_ternary_layers, replace_module
 
     for name, mod in latent_ternary_layers(model).items():
         cls = _Int8ActLinear if mod.act_bits == 8 else nn.Linear
@@ -393,10 +395,13 @@ def generate_model_config(d_model: int = 1024, blocks: int = 6, ffn: str = "none
     """The decode-speed model: ternary up/qkv/down, STC sparse memory, ternary gate, int8 activations."""
     from ternkit.models.config import ModelConfig
 
+    if ffn not in ("none", "ternary"):
+        raise TernkitError(f"--ffn {ffn!r} is not supported; use none or ternary.")
     ternary = ["up", "qkv", "down"] + (["ffn"] if ffn == "ternary" else [])
-    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_blocks=blocks, n_heads=heads,
-                       ternary_projections=ternary, quant={"act_bits": 8}, memory_backend="stc_sparse",
-                       gate_mode="ternary", ffn=ffn, context_length=4096, tie_embeddings=False)
+    # from_dict: a width that does not fit the heads is one sentence from the config, not a traceback.
+    return ModelConfig.from_dict(dict(vocab_size=vocab_size, d_model=d_model, n_blocks=blocks, n_heads=heads,
+                                      ternary_projections=ternary, quant={"act_bits": 8}, memory_backend="stc_sparse",
+                                      gate_mode="ternary", ffn=ffn, context_length=4096, tie_embeddings=False))
 
 
 def _timed_stream(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
@@ -428,6 +433,10 @@ def bench_generate(d_model: int = 1024, blocks: int = 6, prompt_tokens: int = 32
     random-weight model is chaotic: int8 rounding, STC thresholds and ternary gates turn 1e-7
     differences into different tokens, so expect these to fall with depth (not a packing error).
     """
+    if new_tokens < 2:
+        raise TernkitError(f"--tokens must be at least 2 (one prefill token, then decode steps), got {new_tokens}.")
+    if prompt_tokens < 1:
+        raise TernkitError(f"--prompt-tokens must be a positive integer, got {prompt_tokens}.")
     import copy
 
     from ternkit.export import pack_model
@@ -517,11 +526,20 @@ QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tern_int8": ("ternary proj int8 act", (_TERN, "quant.scale=absmean", "quant.act_bits=8")),
     "tern_group": ("ternary proj group", (_TERN, "quant.scale=group")),
     "stc": ("stc memory", ("model.memory_backend=stc_sparse",)),
+    "stc_k": ("stc memory, keys only", ("model.memory_backend=stc_sparse", "model.stc_quantize=k")),
+    "stc_v50": ("stc memory, values 50% zeros", ("model.memory_backend=stc_sparse", "model.value_sparsity=0.5")),
+    "stc_v0": ("stc memory, dense ternary values", ("model.memory_backend=stc_sparse", "model.value_sparsity=0.0")),
+    "stc_s50": ("stc memory, 50% zeros", ("model.memory_backend=stc_sparse", "model.target_sparsity=0.5")),
     "tgate": ("ternary gate", ("model.gate_mode=ternary",)),
+    "dgate": ("ternary decay gate", ("model.gate_mode=ternary_decay",)),
     "stc_tgate": ("stc + ternary gate", ("model.memory_backend=stc_sparse", "model.gate_mode=ternary")),
+    "stc_dgate": ("stc + decay gate", ("model.memory_backend=stc_sparse", "model.gate_mode=ternary_decay")),
+    "all_tgate": ("all three, ternary gate", (_TERN, "model.memory_backend=stc_sparse", "model.gate_mode=ternary")),
+    "all_dgate": ("all three, decay gate", (_TERN, "model.memory_backend=stc_sparse",
+                                            "model.gate_mode=ternary_decay")),
     "flagship": ("flagship", (f"model.ternary_projections={_MAIN}", f"model.memory_backend={_MAIN}",
-                              f"model.gate_mode={_MAIN}", f"quant.scale={_MAIN}",
-                              f"quant.act_bits={_MAIN}", f"quant.group_size={_MAIN}")),  # the main job's model
+                              f"model.gate_mode={_MAIN}", f"model.quant.scale={_MAIN}",
+                              f"model.quant.act_bits={_MAIN}", f"model.quant.group_size={_MAIN}")),  # the main job's model
 }
 
 #: --set keys the benchmark owns (use steps= and seeds= instead).
@@ -576,7 +594,6 @@ def quality_recipes(steps: int = 300, variants: list[str] | None = None, sets: l
     Raises ``TernkitError`` for an unknown variant key, a bad ``--set`` or a ``--set`` of a key the
     benchmark owns (``trainer.max_steps``, ``trainer.val_every``, ``seed``).
     """
-    from ternkit.errors import TernkitError
     from ternkit.recipe import load_recipe
 
     if steps < 1:
@@ -623,7 +640,6 @@ def bench_quality(steps: int = 300, seeds: tuple[int, ...] | list[int] = (1234,)
     import tempfile
     from pathlib import Path
 
-    from ternkit.errors import TernkitError
     from ternkit.train.data import prepare_text_data
     from ternkit.train.run import train
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ternkit import __version__
+from ternkit.checkpoint import load_checkpoint, model_from_checkpoint, model_from_config
 from ternkit.errors import TernkitError
 
 __all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "check_export", "ExportReport", "pack_model",
@@ -20,31 +21,6 @@ __all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "che
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
 _TOKENIZER = "tokenizer.json"
-
-
-def _model_from_config(cfg: dict[str, Any]) -> nn.Module:
-    from ternkit.models.config import ModelConfig
-    from ternkit.models.lm import XLSTMLM
-
-    return XLSTMLM(ModelConfig.from_dict(cfg))
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ternkit Lightning checkpoint safely (weights_only) and check that it is one of ours."""
-    path = Path(path)
-    if not path.exists():
-        raise TernkitError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (e.g. runs/<name>/last.ckpt).")
-    if path.is_dir():
-        raise TernkitError(f"{path} is a folder, not a checkpoint; pass a .ckpt file, or an export folder to commands that take one.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle with code in it, not a torch file at all
-        raise TernkitError(f"{path} could not be read as a checkpoint ({type(err).__name__}); it may be truncated "
-                           "or not a torch file: use another checkpoint such as last.ckpt.") from None
-    if not isinstance(ckpt, dict) or "ternkit" not in ckpt or "state_dict" not in ckpt:
-        raise TernkitError(f"{path} is not a ternkit checkpoint (no ternkit metadata); pass a checkpoint written by "
-                           "'ternkit train'.")
-    return ckpt
 
 
 def _is_export_dir(path: Path) -> bool:
@@ -57,15 +33,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if _is_export_dir(path):
         return load_packed(path), {"kind": "export", "path": str(path)}
     ckpt = load_checkpoint(path)
-    model = _model_from_config(ckpt["ternkit"]["model_config"])
-    sd = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise TernkitError(f"{path} does not match its own model config ({first}); the checkpoint is damaged or from "
-                           "an incompatible ternkit version.") from None
-    model.eval()
+    model = model_from_checkpoint(ckpt, path)
     return model, {"kind": "checkpoint", "path": str(path), "global_step": ckpt.get("global_step"),
                    "run_info": ckpt["ternkit"].get("run_info", {})}
 
@@ -84,7 +52,7 @@ def find_tokenizer(ckpt_path: Path, run_info: dict[str, Any]) -> Path | None:
 
 def check_tokenizer_fits(tok_path: Path, vocab_size: int, what: str) -> None:
     """Raise TernkitError when the tokenizer at ``tok_path`` has ids the model (``vocab_size`` rows) cannot embed."""
-    from ternkit.train.tokenizer import load_tokenizer
+    from ternkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
     if int(tok.vocab_size) > int(vocab_size):
@@ -106,8 +74,8 @@ def pack_model(model: nn.Module, fmt: str = "2bit") -> nn.Module:
     The packed layers run :func:`ternkit.ops.ternary_linear.ternary_linear` on the packed trits,
     so this turns a freshly built or trained model into the fast inference model without a file.
     """
-    from ternkit.quant.linear import latent_ternary_layers, replace_module
-    from ternkit.quant.packed import PackedTernaryLinear
+    from ternkit.modules.linear import latent_ternary_layers, replace_module
+    from ternkit.modules.packed import PackedTernaryLinear
 
     for name, layer in latent_ternary_layers(model).items():
         trits, alpha = _trits_and_alpha(layer)
@@ -117,8 +85,8 @@ def pack_model(model: nn.Module, fmt: str = "2bit") -> nn.Module:
 
 
 def _swap_in_packed(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    from ternkit.quant.linear import replace_module
-    from ternkit.quant.packed import PackedTernaryLinear
+    from ternkit.modules.linear import replace_module
+    from ternkit.modules.packed import PackedTernaryLinear
 
     for name, meta in layers.items():
         new = PackedTernaryLinear(meta["in"], meta["out"], meta["fmt"], tuple(meta["alpha_shape"]), meta["bias"],
@@ -180,7 +148,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     tok = find_tokenizer(ckpt_path, info.get("run_info", {}))
     if tok is not None:
         check_tokenizer_fits(tok, cfg["vocab_size"], f"the model in {ckpt_path}")
-    from ternkit.quant.linear import latent_ternary_layers
+    from ternkit.modules.linear import latent_ternary_layers
 
     latent = latent_ternary_layers(model)
     tensors: dict[str, torch.Tensor] = {}
@@ -203,7 +171,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
         tern_b += packed.numel()
         rows.append({"layer": name, "shape": list(trits.shape), "bits_per_weight": 8.0 * packed.numel() / trits.numel()})
     # Integer-state group layers are already packed (base-3 trits + integer scales): they travel as they are.
-    from ternkit.quant.group import GroupTernaryLinear
+    from ternkit.modules.group import GroupTernaryLinear
 
     for name, mod in model.named_modules():
         if isinstance(mod, GroupTernaryLinear):
@@ -258,7 +226,7 @@ def load_packed(path: str | Path) -> nn.Module:
         raise TernkitError(f"{path / _WEIGHTS} could not be read ({type(err).__name__}); the export is damaged: export again.") from None
     if "ternkit_version" not in meta or "config" not in meta:
         raise TernkitError(f"{path / _WEIGHTS} has no ternkit metadata; it was not written by 'ternkit export'.")
-    model = _model_from_config(json.loads(meta["config"]))
+    model = model_from_config(json.loads(meta["config"]))
     _swap_in_packed(model, json.loads(meta.get("ternary_layers", "{}")))
     try:
         model.load_state_dict(tensors, strict=True)

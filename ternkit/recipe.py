@@ -182,6 +182,10 @@ class TrainerConfig(_Section):
     sample_tokens: int = Field(128, ge=1)
     sample_prompt: str = "def "
     num_workers: int = Field(0, ge=0)
+    divergence_factor: float | None = Field(
+        2.0, gt=1.0, description="a loss above this multiple of its best running level is a spike (null = off)")
+    divergence_patience: int = Field(50, ge=1, description="consecutive spiking steps that count as divergence")
+    divergence_stop: bool = Field(True, description="stop a diverged run like a NaN loss (false: only report it)")
 
     @field_validator("precision", mode="before")
     @classmethod

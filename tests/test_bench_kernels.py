@@ -133,7 +133,7 @@ def _tiny_lm(act_bits: int | None = 8):
 
 def test_dense_baseline_computes_the_ternary_model_as_fp32_linears() -> None:
     from ternkit.models.mlstm import MLSTMLayer
-    from ternkit.quant.linear import TernaryLinear
+    from ternkit.modules.linear import TernaryLinear
 
     model = _tiny_lm(act_bits=None).eval()
     tokens = torch.randint(0, 64, (2, 12))
@@ -187,7 +187,7 @@ class _ScriptedModel:
 
 
 def test_stream_text_holds_back_incomplete_utf8_and_joins_to_the_text() -> None:
-    from ternkit.cli.generate import stream_text
+    from ternkit.generate import stream_text
 
     def decode(ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
@@ -240,6 +240,7 @@ def test_cli_bench_stc_and_generate_json(tmp_path: Path, keep_threads: None) -> 
     ["bench", "stc", "--density", "1.5"],
     ["bench", "generate", "--tokens", "1"],
     ["bench", "generate", "--ffn", "moe"],
+    ["bench", "generate", "--heads", "3", "--d-model", "32"],
     ["bench", "stc", "--repeats", "0"],
 ])
 def test_cli_bench_bad_options_exit_2(argv: list[str]) -> None:
@@ -252,7 +253,7 @@ def test_cli_generate_streams_text_to_stdout_and_speed_to_stderr(cli, toy_run: P
     import re
 
     from ternkit.export import load_model
-    from ternkit.train.tokenizer import load_tokenizer
+    from ternkit.tokenizer import load_tokenizer
 
     ckpt = toy_run / "last.ckpt"
     res = cli(["generate", str(ckpt), "def ", "-n", "8", "--temperature", "0"])

@@ -105,7 +105,7 @@ def test_export_dir_exists_refused_without_force(cli, in_tmp: Path, toy_run: Pat
 
 def _bpe_tokenizer(path: Path) -> Path:
     """A small BPE tokenizer.json (vocab > 256) that does not fit a byte-level model."""
-    from ternkit.train.tokenizer import train_bpe
+    from ternkit.tokenizer import train_bpe
 
     text = ["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50, "import os, sys\n" * 50]
     tok = train_bpe(text, vocab_size=300, min_frequency=1)

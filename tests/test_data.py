@@ -16,7 +16,7 @@ from ternkit.train.data import (
     IGNORE_INDEX, StepBatches, TernkitDataModule, TokenDataset, batch_indices, mqar_examples, parity_examples,
     prepare_text_data, split_documents, text_source,
 )
-from ternkit.train.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, load_tokenizer, train_bpe
+from ternkit.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, load_tokenizer, train_bpe
 
 SAMPLE = "def f(x):\n    return x * 2  # héllo wörld €\n"
 

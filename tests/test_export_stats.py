@@ -53,7 +53,7 @@ def test_load_packed_logits_equal_checkpoint_ternarized_forward(fmt: str, export
                                                                 toy_run: Path) -> None:
     import ternkit
     from ternkit.export import load_model
-    from ternkit.quant.packed import PackedTernaryLinear
+    from ternkit.modules.packed import PackedTernaryLinear
 
     ref, _ = load_model(toy_run / "last.ckpt")
     packed = ternkit.load_packed(exports[fmt])

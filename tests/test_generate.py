@@ -19,7 +19,7 @@ def test_generate_same_text_from_checkpoint_and_export(cli, toy_run: Path, tmp_p
     assert a.out.startswith("def ") and a.out == b.out
     # Greedy decoding equals the argmax of the model's own greedy generate on the same prompt.
     from ternkit.export import load_model
-    from ternkit.train.tokenizer import load_tokenizer
+    from ternkit.tokenizer import load_tokenizer
 
     model, _ = load_model(ckpt)
     tok = load_tokenizer(toy_run / "tokenizer.json")

@@ -1,4 +1,4 @@
-"""Tests of the integer-state group-scale layers (ternkit.quant.group)."""
+"""Tests of the integer-state group-scale layers (ternkit.modules.group)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ternkit.errors import TernkitError
-from ternkit.quant.group import GroupTernaryLinear, TernaryRMSNorm, apply_integer_updates, integer_state_layers
+from ternkit.modules.group import GroupTernaryLinear, TernaryRMSNorm, apply_integer_updates, integer_state_layers
 from ternkit.quant.packing import pack_base3, unpack_base3
 
 INT_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from ternkit.quant.group import GroupTernaryLinear, TernaryRMSNorm, apply_integer_updates
+from ternkit.modules.group import GroupTernaryLinear, TernaryRMSNorm, apply_integer_updates
 
 WORLD = 2
 STEPS = 4

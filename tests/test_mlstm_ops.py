@@ -17,7 +17,8 @@ from ternkit.ops.mlstm import (
     ternary_decay_gate,
     ternary_gate,
 )
-from ternkit.ops.stc import TERNARY_GATE_THRESHOLD, skip_fraction, stc_quantize
+from ternkit.ops.stc import TERNARY_GATE_THRESHOLD, stc_quantize
+from ternkit.ops.stc_write import skip_fraction
 
 B, NH, DH = 2, 2, 8
 MODES = ("sigmoid", "ternary", "ternary_decay")

@@ -14,7 +14,7 @@ from ternkit.errors import TernkitError
 from ternkit.models.config import ModelConfig, migrate_model_config
 from ternkit.models.lm import XLSTMLM
 from ternkit.models.mlstm import BlockDiagonalLinear, MLSTMLayer
-from ternkit.quant.linear import TernaryLinear
+from ternkit.modules.linear import TernaryLinear
 
 
 def _cfg(**kw: object) -> ModelConfig:
@@ -90,7 +90,7 @@ def test_ternary_projections_are_ternary_linear() -> None:
 
 
 def test_group_scale_layers_take_the_configured_group_size() -> None:
-    from ternkit.quant.group import GroupTernaryLinear
+    from ternkit.modules.group import GroupTernaryLinear
 
     cfg = _cfg(ternary_projections=["up", "qkv", "down", "ffn", "head"], quant={"scale": "group", "group_size": 8},
                ffn="dense")

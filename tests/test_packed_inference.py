@@ -10,8 +10,8 @@ import torch
 from ternkit.export import pack_model
 from ternkit.models.config import XLSTMLMConfig
 from ternkit.models.lm import XLSTMLM
-from ternkit.quant.linear import TernaryLinear
-from ternkit.quant.packed import PackedTernaryLinear
+from ternkit.modules.linear import TernaryLinear
+from ternkit.modules.packed import PackedTernaryLinear
 
 
 def _model(act_bits: int | None, scale: str, seed: int = 0, stc: bool = True) -> XLSTMLM:

@@ -83,7 +83,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
     p = _write(tmp_path, "trainer:\n  max_steps: abc\n")
     assert _err(load_recipe, p) == f"{p}: 'trainer.max_steps' must be an integer, got 'abc'."
     p = _write(tmp_path, "model:\n  gate_mode: tanh\n")
-    assert "'model.gate_mode' must be one of 'sigmoid', 'ternary', got 'tanh'." in _err(load_recipe, p)
+    assert "'model.gate_mode' must be one of 'sigmoid', 'ternary', 'ternary_decay', got 'tanh'." in _err(load_recipe, p)
     p = _write(tmp_path, "model:\n  gate_mode: tanh\n  d_model: big\n")
     msg = _err(load_recipe, p)  # the first error in schema order, then a count of the rest
     assert "'model.d_model' must be an integer, got 'big'" in msg and msg.endswith("(and 1 more).")

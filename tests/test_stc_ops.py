@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ternkit.errors import TernkitError
-from ternkit.ops.stc import skip_fraction, sparse_memory_write, stc_quantize
+from ternkit.ops.stc import stc_quantize
+from ternkit.ops.stc_write import skip_fraction, sparse_memory_write
 
 
 def test_stc_quantize_values_by_hand():
@@ -71,7 +72,7 @@ def test_sparse_write_equals_dense_update_exactly():
     f_scale[1, 2] = 0.0   # ternary clear
     k[0, 2] = 0.0         # empty write
     C_before, n_before = C.clone(), n.clone()
-    C_s, n_s, stats = sparse_memory_write(C, n, k, v, f_scale, i_scale)
+    C_s, n_s, stats = sparse_memory_write(C, n, k, v, i_scale, f_scale)
     C_d, n_d = _dense(C, n, k, v, f_scale, i_scale)
     assert torch.equal(C_s, C_d) and torch.equal(n_s, n_d)
     assert torch.equal(C, C_before) and torch.equal(n, n_before)  # inputs untouched
@@ -86,7 +87,7 @@ def test_sparse_write_equals_dense_update_exactly():
 def test_sparse_write_touches_only_the_nonzero_block():
     C, n, k, v, _, _ = _random_case(3, B=1, NH=1, DH=12)
     ones, i_scale = torch.ones(1, 1), torch.full((1, 1), 0.5)
-    C_s, n_s, stats = sparse_memory_write(C, n, k, v, ones, i_scale)
+    C_s, n_s, stats = sparse_memory_write(C, n, k, v, i_scale, ones)
     changed = C_s != C
     rows, cols = k[0, 0] != 0, v[0, 0] != 0
     assert not changed[0, 0][~rows].any() and not changed[0, 0][:, ~cols].any()
@@ -108,6 +109,6 @@ def test_skip_fraction_numbers_and_errors():
 def test_sparse_write_rejects_mismatched_shapes():
     C, n, k, v, f_scale, i_scale = _random_case(1)
     with pytest.raises(TernkitError, match="f_scale"):
-        sparse_memory_write(C, n, k, v, f_scale[:, :1], i_scale)
+        sparse_memory_write(C, n, k, v, i_scale, f_scale[:, :1])
     with pytest.raises(TernkitError, match=r"\(B, NH, DH, DH\)"):
-        sparse_memory_write(C[..., :3], n, k, v, f_scale, i_scale)
+        sparse_memory_write(C[..., :3], n, k, v, i_scale, f_scale)

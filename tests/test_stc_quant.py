@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ternkit.errors import TernkitError
-from ternkit.quant.stc import STCQuantizer
+from ternkit.modules.stc import STCQuantizer
 
 
 def _train_on_gaussian(q: STCQuantizer, steps: int, scale: float = 1.0, shape=(4, 4, 16, 32)) -> None:

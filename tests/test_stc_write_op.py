@@ -10,8 +10,8 @@ import torch
 
 from ternkit.errors import TernkitError
 from ternkit.ops import stc_write as stc_write_mod
-from ternkit.ops.stc import STAT_KEYS, skip_fraction, sparse_memory_write
-from ternkit.ops.stc_write import compiled_available, stc_write, stc_write_reference
+from ternkit.ops.stc_write import (STAT_KEYS, compiled_available, skip_fraction, sparse_memory_write, stc_write,
+                                   stc_write_reference)
 
 DENSITIES = (1.0, 0.5, 0.1, 0.0)
 F_VALUES = (1.0, -1.0, 0.0, 0.7)
@@ -82,7 +82,7 @@ def test_twin_matches_dense_and_sparse_memory_write(density: float, f_value: flo
     assert stats == _expected_counts(C, k, v, f)
     # Square heads against the loop reference of ops/stc.py (note its (f', i') argument order).
     C, n, k, v, i, f = _case(2, 3, 16, 16, density, f_value, ternary=False)
-    C_s, n_s, st_s = sparse_memory_write(C, n, k, v, f, i)
+    C_s, n_s, st_s = sparse_memory_write(C, n, k, v, i, f)
     C1, n1 = C.clone(), n.clone()
     stats = stc_write_reference(C1, n1, k, v, i, f)
     assert torch.equal(C1, C_s) and torch.equal(n1, n_s)
@@ -171,7 +171,7 @@ def test_counts_and_wrapper_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     results = {}
     for use_compiled in (True, False):
         if not use_compiled:
-            monkeypatch.setitem(stc_write_mod._AVAILABLE, "cpu", False)  # force the twin
+            monkeypatch.setitem(stc_write_mod._COMPILED.cache, "cpu", False)  # force the twin
         C1, n1 = C.clone(), n.clone()
         results[use_compiled] = stats = stc_write(C1, n1, k, v, i, f)
         assert tuple(stats) == STAT_KEYS and stats == expected

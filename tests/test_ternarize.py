@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ternkit.errors import TernkitError
-from ternkit.quant import TernaryLinear, absmean_ternarize, act_quant_8bit, lsq_ternarize, per_row_ternarize, swap_linear
+from ternkit.modules import TernaryLinear, swap_linear
+from ternkit.quant import absmean_ternarize, act_quant_8bit, lsq_ternarize, per_row_ternarize
 
 
 def test_absmean_values_and_identity_gradient() -> None:
@@ -138,10 +139,10 @@ def test_swap_linear_by_pattern_keeps_weights() -> None:
 def test_group_scale_builds_the_integer_state_layer_and_copies_work() -> None:
     import copy
 
-    from ternkit.quant.group import GroupTernaryLinear
+    from ternkit.modules.group import GroupTernaryLinear
 
     from ternkit.errors import TernkitError
-    from ternkit.quant.linear import make_linear
+    from ternkit.modules.linear import make_linear
     from ternkit.quant.spec import TernarySpec
 
     g = make_linear(64, 16, TernarySpec(scale="group", group_size=16))

@@ -99,7 +99,7 @@ TOY_RECIPES = {
 def test_recipe_quant_group_size_and_forget_bias_reach_the_model() -> None:
     from ternkit.models.config import XLSTMLMConfig
     from ternkit.models.lm import XLSTMLM
-    from ternkit.quant.group import GroupTernaryLinear
+    from ternkit.modules.group import GroupTernaryLinear
     from ternkit.recipe import recipe_from_dict
     from ternkit.train.run import model_config_from_recipe
 
@@ -216,6 +216,49 @@ def test_nan_loss_stops_with_one_sentence_and_keeps_good_checkpoint(cli, monkeyp
     model, info = load_model(tmp_path / "runs" / "nan" / "last.ckpt")
     assert info["global_step"] == 3
     assert bool(torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all())
+
+
+def test_divergence_monitor_counts_spikes_against_the_best_running_level() -> None:
+    from ternkit.train.module import DivergenceMonitor
+
+    mon = DivergenceMonitor(factor=2.0, patience=3, warmup=2)
+    flags = [mon.update(v, step) for step, v in enumerate([4.0, 3.0, 2.0, 2.0, 2.0])]
+    assert not any(flags) and mon.best_step == 4 and mon.ratio == pytest.approx(2.0 / mon.best)
+    # Three steps above 2x the best level in a row diverge; a step back below resets the count.
+    assert [mon.update(v, 5 + i) for i, v in enumerate([9.0, 9.0, 1.0, 9.0, 9.0, 9.0])] == \
+        [False, False, False, False, False, True]
+    restored = DivergenceMonitor(factor=2.0, patience=3, warmup=2)
+    restored.load_state_dict(mon.state_dict())
+    assert restored.state_dict() == mon.state_dict()
+    off = DivergenceMonitor(factor=None, patience=1, warmup=1)
+    assert not any(off.update(v, i) for i, v in enumerate([1.0, 50.0, 50.0]))
+
+
+def test_divergence_stops_with_one_sentence_and_logs_the_spike(cli, monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path, token_cache: Path) -> None:
+    from ternkit.train.module import TernkitLM
+
+    monkeypatch.chdir(tmp_path)
+    orig = TernkitLM._losses
+
+    def rising(self, batch):  # type: ignore[no-untyped-def]
+        ce, aux, ntok = orig(self, batch)
+        return (ce * 10.0, aux, ntok) if self.global_step >= 6 else (ce, aux, ntok)
+
+    monkeypatch.setattr(TernkitLM, "_losses", rising)
+    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 12)
+              + sets("name=div", "checkpoint.every_steps=2", "trainer.divergence_patience=3"))
+    msg = assert_one_sentence_error(res)
+    assert "diverged" in msg and "step 8" in msg and "last.ckpt" in msg and "divergence_stop" in msg
+    run = tmp_path / "runs" / "div"
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8 and ckpt["ternkit"]["divergence"]["over"] == 2
+    spikes = [float(r["train/spike"]) for r in read_metrics(run) if r.get("train/spike")]
+    assert max(spikes[:6]) < 2.0 and min(spikes[6:]) > 2.0  # the spike ratio is in metrics.csv
+    # Reporting only: the same run trains to its end.
+    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 12)
+              + sets("name=div2", "trainer.divergence_patience=3", "trainer.divergence_stop=false"))
+    assert res.code == 0, res.text
 
 
 def test_schedule_kinds_and_two_stage_point() -> None:

@@ -85,7 +85,7 @@ def test_ddp_two_cpu_processes_keep_integer_state_identical(case: str, tmp_path:
 
 
 _NO_TAU_SYNC = """
-from ternkit.quant.stc import STCQuantizer
+from ternkit.modules.stc import STCQuantizer
 
 STCQuantizer.sync_ = lambda self: None  # ranks see different data, so their thresholds now drift apart
 from ternkit.cli.main import main

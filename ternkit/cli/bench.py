@@ -227,16 +227,6 @@ def bench_generate_cmd(
     from ternkit.errors import TernkitError
 
     _setup(threads, repeats)
-    if tokens < 2:
-        raise TernkitError(f"--tokens must be at least 2 (one prefill token, then decode steps), got {tokens}.")
-    if ffn not in ("none", "ternary"):
-        raise TernkitError(f"--ffn {ffn!r} is not supported; use none or ternary.")
-    for flag, v in (("--d-model", d_model), ("--blocks", blocks), ("--prompt-tokens", prompt_tokens),
-                    ("--heads", heads)):
-        if v < 1:
-            raise TernkitError(f"{flag} must be a positive integer, got {v}.")
-    if (2 * d_model) % heads:
-        raise TernkitError(f"--heads {heads} must divide the inner width 2 * d_model = {2 * d_model}.")
     r = bench_generate(d_model, blocks, prompt_tokens, tokens, ffn, heads=heads, repeats=repeats)
     ops = ", ".join(f"{k}: {'compiled' if v['compiled'] else 'twin'}" for k, v in r["ops"].items())
     t = Table(title=f"Decoding, batch 1: {blocks} blocks, d={d_model}, ffn={ffn}, {prompt_tokens}-token prompt, "

@@ -33,41 +33,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def deadzone_report(model: Any, band: float) -> dict[str, Any]:
-    """Per ternary layer dead-zone fractions plus weight-averaged totals, as plain dicts."""
-    from ternkit.quant.deadzone import module_deadzone_stats
-
-    layers = {name: st.to_dict() for name, st in module_deadzone_stats(model, band=band).items()}
-    total_n = sum(d["numel"] for d in layers.values()) or 1
-    totals: dict[str, Any] = {"numel": total_n}
-    for key in ("frac_neg", "frac_zero", "frac_pos", "frac_boundary", "frac_zero_inner"):
-        vals = [(d[key], d["numel"]) for d in layers.values() if d.get(key) is not None]
-        totals[key] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1) if vals else None
-    return {"band": band, "layers": layers, "totals": totals}
-
-
-def _probe_batch(model: Any, src: Path, info: dict[str, Any]) -> tuple[Any, str]:
-    """A fixed (4, T) probe: real text (stdlib's textwrap.py) through the model's tokenizer when it has one,
-    else seeded random tokens (synthetic-task models have no tokenizer). Returns (tokens, description)."""
-    import sysconfig
-
-    import torch
-
-    from ternkit.export import find_tokenizer
-    from ternkit.train.tokenizer import load_tokenizer
-
-    cfg = model.config
-    t = min(cfg.context_length, 128)
-    tok_path = find_tokenizer(src, info.get("run_info", {}))
-    text_file = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
-    if tok_path is not None and tok_path.exists() and text_file.exists():
-        ids = load_tokenizer(tok_path).encode(text_file.read_text(errors="replace"))
-        if len(ids) >= 4 * t and max(ids) < cfg.vocab_size:
-            return torch.tensor(ids[: 4 * t]).view(4, t), "text (stdlib textwrap.py)"
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, cfg.vocab_size, (4, t), generator=g), "random tokens"
-
-
 @app.command("stats")
 @user_errors
 def stats_cmd(
@@ -79,38 +44,11 @@ def stats_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Inspect a checkpoint or export: dead-zone statistics per ternary layer, MoE loads, STC sparsity."""
-    import torch
+    from ternkit.inspect import inspect_model
 
-    from ternkit.errors import TernkitError
-    from ternkit.export import load_model
-
-    if not 0.0 <= band <= 0.5:
-        raise TernkitError(f"--band must lie in [0, 0.5], got {band}; use e.g. --band 0.1.")
-    model, info = load_model(ckpt)
     if not (deadzone or moe or stc):
         deadzone = True
-    out: dict[str, Any] = {"source": info}
-    if deadzone:
-        out["deadzone"] = deadzone_report(model, band)
-    if moe or stc:
-        # Loads and zero fractions are properties of a forward pass: run one on a fixed probe batch.
-        probe, probe_kind = _probe_batch(model, ckpt, info)
-        out["probe"] = probe_kind
-        with torch.no_grad():
-            if stc:
-                # The skip fraction is a decoding figure: count the sparse writes of 32 greedy steps.
-                for block in getattr(model, "blocks", []):
-                    block.mlstm.reset_skip_stats()
-                model.generate(probe[:1, :16], 32)
-            model(probe)
-        if moe:
-            out["moe"] = model.moe_stats()
-            if not out["moe"]:
-                raise TernkitError(f"{ckpt} has no MoE blocks; drop --moe.")
-        if stc:
-            out["stc"] = model.stc_stats()
-            if not out["stc"]:
-                raise TernkitError(f"{ckpt} has no STC memory (memory_backend is dense); drop --stc.")
+    out = inspect_model(ckpt, deadzone=deadzone, band=band, moe=moe, stc=stc)
     if json_out:
         text = json.dumps(out, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
         # Plain text for machines: no highlighting, no wrapping at the terminal width.

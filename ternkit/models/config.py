@@ -120,6 +120,11 @@ class ModelConfig(Section):
     gate_mode: GateMode = "sigmoid"
     memory_backend: MemoryBackend = "dense"
     target_sparsity: float = Field(0.75, ge=0.0, lt=1.0, description="fraction of zero trits the STC memory aims at")
+    stc_quantize: Literal["kv", "k"] = Field(
+        "kv", description="what the STC memory quantizes: keys and values, or keys only (float values; the write "
+                          "still skips the zero rows)")
+    value_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="target zero fraction of STC values; None -> target_sparsity")
     forget_bias_init: tuple[float, float] = Field(
         (3.0, 6.0), description="(start, end) of the forget-gate bias linspace over heads; ~0.5 for a ternary gate to learn")
     ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])

@@ -11,7 +11,7 @@ from torch import nn
 from ternkit.errors import TernkitError
 from ternkit.models.config import ModelConfig
 from ternkit.models.mlstm import MLSTMLayer, MLSTMState, _small_init_, _wang_init_, _has_latent_weight
-from ternkit.quant.linear import make_linear
+from ternkit.modules.linear import make_linear
 from ternkit.quant.spec import TernarySpec
 
 __all__ = ["SwiGLU", "XLSTMBlock", "XLSTMLM", "LMState"]
@@ -253,13 +253,18 @@ class XLSTMLM(nn.Module):
     def sync_stc_(self) -> None:
         """All-reduce (mean) every STC threshold across ranks; call after optimizer steps under DDP."""
         for b in self.blocks:
-            if b.mlstm.k_quant is not None and b.mlstm.v_quant is not None:
-                b.mlstm.k_quant.sync_()
-                b.mlstm.v_quant.sync_()
+            for quant in (b.mlstm.k_quant, b.mlstm.v_quant):
+                if quant is not None:
+                    quant.sync_()
+
+    def reset_skip_stats(self) -> None:
+        """Forget the sparse-write counts of every block (start a new decoding measurement)."""
+        for b in self.blocks:
+            b.mlstm.reset_skip_stats()
 
     def skip_fraction(self) -> float:
         """Fraction of sparse-write work skipped in decoding, pooled over all STC layers (nan if none)."""
-        from ternkit.ops.stc import skip_fraction
+        from ternkit.ops.stc_write import skip_fraction
 
         pooled: dict[str, Any] = {}
         for b in self.blocks:

@@ -11,8 +11,8 @@ from torch import nn
 
 from ternkit.models.config import ModelConfig
 from ternkit.ops import mlstm as mlstm_ops
-from ternkit.quant.linear import make_linear
-from ternkit.quant.stc import STCQuantizer
+from ternkit.modules.linear import make_linear
+from ternkit.modules.stc import STCQuantizer
 
 __all__ = ["BlockDiagonalLinear", "CausalConv1d", "MLSTMLayer", "MLSTMState", "MultiHeadLayerNorm"]
 
@@ -148,12 +148,13 @@ class MLSTMLayer(nn.Module):
         self.learnable_skip = nn.Parameter(torch.ones(inner))
         self.proj_down = make_linear(inner, d, cfg.spec_for("down"), bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.k_quant: STCQuantizer | None = None
+        self.v_quant: STCQuantizer | None = None
         if cfg.memory_backend == "stc_sparse":
-            self.k_quant: STCQuantizer | None = STCQuantizer(nh, cfg.target_sparsity)
-            self.v_quant: STCQuantizer | None = STCQuantizer(nh, cfg.target_sparsity)
-        else:
-            self.k_quant = None
-            self.v_quant = None
+            self.k_quant = STCQuantizer(nh, cfg.target_sparsity)
+            if cfg.stc_quantize == "kv":
+                v_sparsity = cfg.target_sparsity if cfg.value_sparsity is None else cfg.value_sparsity
+                self.v_quant = STCQuantizer(nh, v_sparsity)
         # Decoding statistics of the sparse write (accumulated by step()).
         self.skip_stats: dict[str, Any] = {}
         # Decoding with an STC memory uses the sparse write; False forces the dense write (benchmarks' baseline).
@@ -205,8 +206,9 @@ class MLSTMLayer(nn.Module):
         i = self.igate(qkv).transpose(1, 2)
         f = self.fgate(qkv).transpose(1, 2)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if self.k_quant is not None and self.v_quant is not None:
+        if self.k_quant is not None:
             k = self.k_quant(k)
+        if self.v_quant is not None:
             v = self.v_quant(v)
         return q, k, v, i, f
 
@@ -307,13 +309,14 @@ class MLSTMLayer(nn.Module):
 
     def stc_stats(self) -> dict[str, Any]:
         """tau per head and last zero fraction of the k and v quantizers, and the decode skip fraction (empty if dense)."""
-        if self.k_quant is None or self.v_quant is None:
+        if self.k_quant is None:
             return {}
+        v = self.v_quant
         return {
             "tau_k": self.k_quant.tau.tolist(),
-            "tau_v": self.v_quant.tau.tolist(),
+            "tau_v": v.tau.tolist() if v is not None else None,
             "zero_fraction_k": self.k_quant.last_zero_fraction,
-            "zero_fraction_v": self.v_quant.last_zero_fraction,
+            "zero_fraction_v": v.last_zero_fraction if v is not None else None,
             "skip_fraction": self.skip_fraction(),
         }
 
@@ -327,7 +330,7 @@ def _sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Ten
 
 
 def _skip_fraction(stats: dict[str, Any]) -> float:
-    from ternkit.ops.stc import skip_fraction
+    from ternkit.ops.stc_write import skip_fraction
 
     if not stats:
         return float("nan")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ternkit.errors import TernkitError
 from ternkit.models.config import MoEConfig
-from ternkit.quant.linear import make_linear
+from ternkit.modules.linear import make_linear
 from ternkit.quant.spec import TernarySpec
 from ternkit.quant.ternarize import act_quant_8bit
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["OpStatus", "CSRC", "OP_NAMES", "cache_dir", "load_op", "register", "serves", "status", "warn_fallback_once"]
+__all__ = ["CompiledOp", "OpStatus", "CSRC", "OP_NAMES", "cache_dir", "load_op", "register", "serves", "status",
+           "warn_fallback_once"]
 
 #: Folder of the C++/CUDA sources.
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -206,3 +207,34 @@ def serves(name: str, device_type: str, fake: Callable[..., Any]) -> bool:
     if device_type == "cpu":
         return True
     return device_type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(f"ternkit::{name}", "CUDA")
+
+
+class CompiledOp:
+    """The one dispatch point of a compiled op: whether it serves a device (asked once per device type), and its callable.
+
+    Each op module holds one (``_OP = CompiledOp("stc_write", _fake)``) and runs its pure-torch
+    twin where :meth:`available` is False. ``available`` builds the library on its first call and
+    caches the answer in :attr:`cache` (device type -> bool), so a hot path can read
+    ``op.cache.get("cpu")`` without a function call; :attr:`fn` is the op's overload, unwrapped
+    to the builtin ``_op`` where torch has it (resolving ``torch.ops.ternkit.NAME.default`` per
+    call costs about as much as a decode-sized kernel).
+    """
+
+    def __init__(self, name: str, fake: Callable[..., Any]) -> None:
+        self.name = name
+        self.fake = fake
+        self.cache: dict[str, bool] = {}
+        self.fn: Callable[..., Any] | None = None
+
+    def available(self, device: Any = "cpu") -> bool:
+        """True when the op is built (compiled on first call) and has a kernel for ``device`` (a device or its type)."""
+        import torch
+
+        kind = device if isinstance(device, str) and device in ("cpu", "cuda") else torch.device(device).type
+        ok = self.cache.get(kind)
+        if ok is None:
+            ok = self.cache[kind] = serves(self.name, kind, self.fake)
+            if ok and self.fn is None:
+                overload = getattr(torch.ops.ternkit, self.name).default
+                self.fn = getattr(overload, "_op", overload)
+        return ok

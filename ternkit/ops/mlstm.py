@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from ternkit.errors import TernkitError
-from ternkit.ops.stc import STAT_KEYS, ternary_decay_gate, ternary_gate
+from ternkit.ops.stc import ternary_decay_gate, ternary_gate
+from ternkit.ops.stc_write import STAT_KEYS, stc_write
 
 __all__ = [
     "GATE_MODES",
@@ -149,7 +150,7 @@ def mlstm_recurrent_step(
     the same when autograd is off (decay, then ``addcmul_`` of ``(i' k) v^T``). If a
     ``stats`` dict is given, the write's counters ("total", "written", "decayed") are added to
     it, so one dict can accumulate over steps and layers; pass it to
-    :func:`ternkit.ops.stc.skip_fraction`.
+    :func:`ternkit.ops.stc_write.skip_fraction`.
     """
     _check_gate_mode(gate_mode)
     _check_qkv(q, k, v, i, f, 3, "recurrent step")
@@ -181,8 +182,6 @@ def mlstm_recurrent_step(
     i_scale = torch.exp(i - m_new)
 
     if sparse_write:
-        from ternkit.ops.stc_write import stc_write
-
         # contiguous() is a no-op for a decoding state; clone() keeps the caller's state when not in place.
         C_new, n_new = C.contiguous(), n.contiguous()
         if not inplace:

@@ -1,9 +1,8 @@
-"""Sparse Ternary Covariance (STC) ops: the ternary quantizer, the ternary forget gates and the sparse memory write.
+"""Sparse Ternary Covariance (STC) training rules: the ternary quantizer and the ternary forget gates.
 
-All functions here are stateless. ``stc_quantize``, ``ternary_gate`` and ``ternary_decay_gate``
-are the forward/backward rules used in training (straight-through gradients); ``sparse_memory_write`` is the out-of-place
-form of the inference-time write (``ternkit.ops.stc_write``) that skips the zero rows/columns of
-``k v^T`` and the decay pass when the decay factor is exactly 1.
+All functions here are stateless forward/backward rules with straight-through gradients. The
+inference-time memory write that skips the zero rows/columns of ``k v^T`` lives in
+:mod:`ternkit.ops.stc_write`.
 """
 
 from __future__ import annotations
@@ -20,16 +19,10 @@ __all__ = [
     "ternary_gate",
     "ternary_decay_gate",
     "TERNARY_GATE_THRESHOLD",
-    "sparse_memory_write",
-    "skip_fraction",
-    "STAT_KEYS",
 ]
 
 #: |tanh(f~)| must exceed this for the ternary gate to be non-zero.
 TERNARY_GATE_THRESHOLD = 0.5
-
-#: Keys of the counter dict returned by :func:`sparse_memory_write`.
-STAT_KEYS = ("total", "written", "decayed")
 
 
 def _stc_forward(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -110,60 +103,3 @@ def ternary_decay_gate(f_preact: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     space and the magnitude in log space (see :mod:`ternkit.ops.mlstm`).
     """
     return ternary_gate(f_preact), F.logsigmoid(f_preact.abs())
-
-
-@torch.no_grad()
-def sparse_memory_write(
-    C: torch.Tensor,
-    n: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    f_scale: torch.Tensor,
-    i_scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """One-token STC memory write: C (B, NH, DH, DH), n (B, NH, DH) -> C * f' + i' k v^T, n * f' + i' k, counts.
-
-    ``k`` and ``v`` (B, NH, DH) are ternary-quantized (mostly zeros); ``f_scale`` and ``i_scale``
-    (B, NH) are the stabilized decay f' and input scale i' of this step, all float32. For every
-    (batch, head) only the nnz(k) x nnz(v) entries of C where k_r v_c can be non-zero are
-    written, and the decay pass over C and n is skipped where f' == 1 exactly; the result equals
-    the dense update bit for bit (see :mod:`ternkit.ops.stc_write` for the exact expressions).
-
-    Inputs are not modified: this is the out-of-place form of
-    :func:`ternkit.ops.stc_write.stc_write` (the compiled op or its twin) on copies of C and n.
-    It records no autograd graph.
-
-    Returns ``(C, n, stats)`` where stats = {"total": entries of C, "written": entries of C
-    written, "decayed": entries of C rescaled} as Python ints (see :func:`skip_fraction`).
-    """
-    from ternkit.ops.stc_write import stc_write
-
-    if C.dim() != 4 or C.shape[-1] != C.shape[-2]:
-        raise TernkitError(f"sparse_memory_write expects C of shape (B, NH, DH, DH), got {tuple(C.shape)}.")
-    B, NH, DH, _ = C.shape
-    for name, t, shape in (("n", n, (B, NH, DH)), ("k", k, (B, NH, DH)), ("v", v, (B, NH, DH)),
-                           ("f_scale", f_scale, (B, NH)), ("i_scale", i_scale, (B, NH))):
-        if tuple(t.shape) != shape:
-            raise TernkitError(f"sparse_memory_write expects {name} of shape {shape}, got {tuple(t.shape)}.")
-    C_out = C.clone(memory_format=torch.contiguous_format)
-    n_out = n.clone(memory_format=torch.contiguous_format)
-    stats = stc_write(C_out, n_out, k.contiguous(), v.contiguous(), i_scale.contiguous(), f_scale.contiguous())
-    return C_out, n_out, stats
-
-
-def skip_fraction(stats: dict[str, int]) -> float:
-    """Fraction of the dense memory-update work that the sparse write skipped, in [0, 1].
-
-    A dense write touches every entry of C twice (decay pass, then the outer-product add), so
-    the dense work is ``2 * total``; the sparse write did ``decayed + written``. Counters from
-    several steps or layers can be summed key by key before calling this. Returns nan when
-    ``total`` is 0.
-    """
-    missing = [key for key in STAT_KEYS if key not in stats]
-    if missing:
-        raise TernkitError(f"skip_fraction needs the counters {STAT_KEYS}, missing {missing}; "
-                           "pass the stats dict returned by sparse_memory_write.")
-    total = stats["total"]
-    if total == 0:
-        return float("nan")
-    return 1.0 - (stats["decayed"] + stats["written"]) / (2.0 * total)

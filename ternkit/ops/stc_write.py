@@ -3,7 +3,7 @@
 :func:`stc_write` is the one dispatch point: it runs ``torch.ops.ternkit.stc_write`` (C++ in
 ``ternkit/csrc/stc_write.cpp``, CUDA in ``ternkit/csrc/cuda/stc_write.cu``) when that op is built
 for the tensors' device, else :func:`stc_write_reference`. Both modify ``C`` and ``n`` in place,
-return the same counters as :func:`ternkit.ops.stc.sparse_memory_write` and give the same
+return the same counters as :func:`sparse_memory_write` (their out-of-place form) and give the same
 numbers bit for bit:
 
 * ``f' == 1``: only the entries ``C[r, c]`` with ``k_r != 0`` and ``v_c != 0`` are written, as
@@ -23,17 +23,13 @@ import torch
 
 from ternkit.errors import TernkitError
 from ternkit.ops import compiled
-from ternkit.ops.stc import STAT_KEYS
+__all__ = ["stc_write", "stc_write_reference", "compiled_available", "sparse_memory_write", "skip_fraction",
+           "STAT_KEYS"]
 
-__all__ = ["stc_write", "stc_write_reference", "compiled_available"]
+#: Keys of the counter dict returned by :func:`stc_write` and :func:`sparse_memory_write`.
+STAT_KEYS = ("total", "written", "decayed")
 
 _OP = "stc_write"
-# device type -> whether the compiled op serves it (decided once per process: the call is on the decode hot path).
-_AVAILABLE: dict[str, bool] = {}
-# The op's callable, looked up once: resolving torch.ops.ternkit.stc_write.default costs about as
-# much per call as the CPU kernel's own work at decode sizes. OpOverload.__call__ only forwards to
-# its builtin ``_op``, so that is called directly (one Python frame less) where torch has it.
-_OP_FN = None
 
 
 def _fake(C, n, k, v, i_scale, f_scale):  # noqa: ANN001, ANN202 - signature fixed by the schema
@@ -41,17 +37,12 @@ def _fake(C, n, k, v, i_scale, f_scale):  # noqa: ANN001, ANN202 - signature fix
     return C.new_empty((2,), dtype=torch.int64)
 
 
+_COMPILED = compiled.CompiledOp(_OP, _fake)
+
+
 def compiled_available(device: torch.device | str = "cpu") -> bool:
     """True when ``torch.ops.ternkit.stc_write`` is built (compiling it on first call) and has a kernel for ``device``."""
-    global _OP_FN
-    dev_type = torch.device(device).type
-    ok = _AVAILABLE.get(dev_type)
-    if ok is None:
-        ok = _AVAILABLE[dev_type] = compiled.serves(_OP, dev_type, _fake)
-        if ok and _OP_FN is None:
-            overload = torch.ops.ternkit.stc_write.default
-            _OP_FN = getattr(overload, "_op", overload)
-    return ok
+    return _COMPILED.available(device)
 
 
 def _check(C: torch.Tensor, n: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -126,7 +117,7 @@ def stc_write_reference(C: torch.Tensor, n: torch.Tensor, k: torch.Tensor, v: to
     float32, contiguous, on one device. Vectorized over (batch, head) (it materializes the dense
     update, so it saves no work; it defines the numbers the compiled kernels must reproduce bit
     for bit). Returns ``{"total", "written", "decayed"}`` as Python ints (see the module docstring
-    and :func:`ternkit.ops.stc.skip_fraction`).
+    and :func:`skip_fraction`).
     """
     _check(C, n, k, v, i_scale, f_scale, "stc_write_reference")
     return _reference_unchecked(C, n, k, v, i_scale, f_scale)
@@ -144,13 +135,11 @@ def stc_write(C: torch.Tensor, n: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     # `C.is_cpu` / `C.is_cuda` instead of `C.device.type`: building a torch.device costs ~0.5 us.
     if type(C) is torch.Tensor and C.is_cpu:
-        ok = _AVAILABLE.get("cpu")
+        ok = _COMPILED.cache.get("cpu")
         if ok is None:
-            ok = compiled_available("cpu")
+            ok = _COMPILED.available("cpu")
     elif torch.is_tensor(C):
-        ok = _AVAILABLE.get(C.device.type)
-        if ok is None:
-            ok = compiled_available(C.device)
+        ok = _COMPILED.available(C.device)
     else:
         ok = False
     if not ok:
@@ -165,9 +154,64 @@ def stc_write(C: torch.Tensor, n: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                     or getattr(f_scale, "requires_grad", False)):
         _check(C, n, k, v, i_scale, f_scale, "stc_write")
     try:
-        counts = _OP_FN(C, n, k, v, i_scale, f_scale)
+        counts = _COMPILED.fn(C, n, k, v, i_scale, f_scale)
     except (RuntimeError, TypeError):
         _check(C, n, k, v, i_scale, f_scale, "stc_write")
         raise
     written, decayed = counts.tolist()
     return {"total": C.numel(), "written": written, "decayed": decayed}
+
+
+@torch.no_grad()
+def sparse_memory_write(
+    C: torch.Tensor,
+    n: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_scale: torch.Tensor,
+    f_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """One-token STC memory write: C (B, NH, DH, DH), n (B, NH, DH) -> C * f' + i' k v^T, n * f' + i' k, counts.
+
+    ``k`` and ``v`` (B, NH, DH) are ternary-quantized (mostly zeros); ``i_scale`` and ``f_scale``
+    (B, NH) are the stabilized input scale i' and decay f' of this step (the order of :func:`stc_write`), all float32. For every
+    (batch, head) only the nnz(k) x nnz(v) entries of C where k_r v_c can be non-zero are
+    written, and the decay pass over C and n is skipped where f' == 1 exactly; the result equals
+    the dense update bit for bit (see :mod:`ternkit.ops.stc_write` for the exact expressions).
+
+    Inputs are not modified: this is the out-of-place form of
+    :func:`stc_write` (the compiled op or its twin) on copies of C and n.
+    It records no autograd graph.
+
+    Returns ``(C, n, stats)`` where stats = {"total": entries of C, "written": entries of C
+    written, "decayed": entries of C rescaled} as Python ints (see :func:`skip_fraction`).
+    """
+    if C.dim() != 4 or C.shape[-1] != C.shape[-2]:
+        raise TernkitError(f"sparse_memory_write expects C of shape (B, NH, DH, DH), got {tuple(C.shape)}.")
+    B, NH, DH, _ = C.shape
+    for name, t, shape in (("n", n, (B, NH, DH)), ("k", k, (B, NH, DH)), ("v", v, (B, NH, DH)),
+                           ("i_scale", i_scale, (B, NH)), ("f_scale", f_scale, (B, NH))):
+        if tuple(t.shape) != shape:
+            raise TernkitError(f"sparse_memory_write expects {name} of shape {shape}, got {tuple(t.shape)}.")
+    C_out = C.clone(memory_format=torch.contiguous_format)
+    n_out = n.clone(memory_format=torch.contiguous_format)
+    stats = stc_write(C_out, n_out, k.contiguous(), v.contiguous(), i_scale.contiguous(), f_scale.contiguous())
+    return C_out, n_out, stats
+
+
+def skip_fraction(stats: dict[str, int]) -> float:
+    """Fraction of the dense memory-update work that the sparse write skipped, in [0, 1].
+
+    A dense write touches every entry of C twice (decay pass, then the outer-product add), so
+    the dense work is ``2 * total``; the sparse write did ``decayed + written``. Counters from
+    several steps or layers can be summed key by key before calling this. Returns nan when
+    ``total`` is 0.
+    """
+    missing = [key for key in STAT_KEYS if key not in stats]
+    if missing:
+        raise TernkitError(f"skip_fraction needs the counters {STAT_KEYS}, missing {missing}; "
+                           "pass the stats dict returned by sparse_memory_write.")
+    total = stats["total"]
+    if total == 0:
+        return float("nan")
+    return 1.0 - (stats["decayed"] + stats["written"]) / (2.0 * total)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ternkit.errors import TernkitError
+from ternkit.ops import compiled
 from ternkit.quant.packing import packed_2bit_width, unpack_2bit
 
 __all__ = ["ternary_linear", "ternary_linear_reference", "compiled_available", "ACT_AMAX_MIN"]
@@ -148,19 +149,12 @@ def _fake(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_featu
     return x.new_empty((x.shape[0], w_packed.shape[0]))
 
 
-# device type -> whether the compiled op serves it (asked once per process).
-_AVAILABLE: dict[str, bool] = {}
+_COMPILED = compiled.CompiledOp(_OP, _fake)
 
 
 def compiled_available(device: torch.device | str = "cpu") -> bool:
     """True when the compiled ``ternkit::ternary_linear`` is built (built on first call) and has a kernel for ``device``."""
-    kind = torch.device(device).type
-    ok = _AVAILABLE.get(kind)
-    if ok is None:
-        from ternkit.ops import compiled
-
-        ok = _AVAILABLE[kind] = compiled.serves(_OP, kind, _fake)
-    return ok
+    return _COMPILED.available(device)
 
 
 def ternary_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_features: int, *,
@@ -186,8 +180,7 @@ def ternary_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor,
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
         sc = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.to(torch.float32).contiguous()
-        y = torch.ops.ternkit.ternary_linear(x2, w_packed.contiguous(), sc, in_features, group_size,
-                                             8 if act_bits == 8 else 0)
+        y = _COMPILED.fn(x2, w_packed.contiguous(), sc, in_features, group_size, 8 if act_bits == 8 else 0)
         n = y.shape[1]
         if bias is not None:
             y = y + bias.reshape(n).to(torch.float32)

@@ -1,8 +1,11 @@
-"""Ternarizers (STE), ternary linear layers, packing formats and dead-zone statistics."""
+"""Ternary formats and pure functions: ternarizers (STE), packing, dead-zone statistics and the TernarySpec.
+
+Nothing here builds a layer: the nn modules that use these live in :mod:`ternkit.modules`.
+"""
 
 from __future__ import annotations
 
-from ternkit.quant.linear import SCALES, TernaryLinear, swap_linear, ternary_modules
+from ternkit.quant.spec import SCALES, TernarySpec
 from ternkit.quant.ternarize import (
     absmean_ternarize,
     act_quant_8bit,
@@ -12,9 +15,7 @@ from ternkit.quant.ternarize import (
 
 __all__ = [
     "SCALES",
-    "TernaryLinear",
-    "swap_linear",
-    "ternary_modules",
+    "TernarySpec",
     "absmean_ternarize",
     "per_row_ternarize",
     "lsq_ternarize",

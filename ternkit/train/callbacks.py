@@ -26,7 +26,7 @@ def step_integer_state(model: nn.Module) -> dict[str, int]:
     Returns how many modules of each kind moved.
     """
     from ternkit.models.moe import update_moe_biases
-    from ternkit.quant.group import apply_integer_updates
+    from ternkit.modules.group import apply_integer_updates
 
     counts = {"integer_layers": apply_integer_updates(model), "moe_biases": update_moe_biases(model),
               "stc_thresholds": 0}

@@ -2,7 +2,7 @@
 
 The pipeline for text is: a source yields documents (Python's standard library, local
 text/jsonl/parquet files, or a Hub dataset) -> a deterministic document-level train/val split ->
-a tokenizer (``ternkit.train.tokenizer``) -> one flat token file per split, memory-mapped,
+a tokenizer (``ternkit.tokenizer``) -> one flat token file per split, memory-mapped,
 cached under ``data.cache_dir`` by a fingerprint of the inputs, so a second run reuses it.
 
 Sampling is a pure function of ``(seed, step)``: ``batch_indices`` gives the windows of global
@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from ternkit.errors import TernkitError
-from ternkit.train.tokenizer import ByteTokenizer, Tok, build_tokenizer, load_tokenizer, write_text_atomic
+from ternkit.tokenizer import ByteTokenizer, Tok, build_tokenizer, load_tokenizer, write_text_atomic
 
 __all__ = [
     "IGNORE_INDEX",

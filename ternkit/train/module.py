@@ -19,7 +19,7 @@ from ternkit.models.config import ModelConfig
 from ternkit.recipe import OptimizerConfig, ScheduleConfig
 from ternkit.train.optim import build_optimizer, lr_factor, weight_decay_factor
 
-__all__ = ["TernkitLM", "NonFiniteLossError", "masked_cross_entropy"]
+__all__ = ["TernkitLM", "NonFiniteLossError", "DivergenceError", "DivergenceMonitor", "masked_cross_entropy"]
 
 
 def _np_state_to_safe(state: tuple[Any, ...]) -> dict[str, Any]:
@@ -35,6 +35,51 @@ def _np_state_from_safe(d: dict[str, Any]) -> tuple[Any, ...]:
 
 class NonFiniteLossError(TernkitError):
     """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class DivergenceError(TernkitError):
+    """The training loss stayed far above its best running level; the run stops and keeps its checkpoints."""
+
+
+class DivergenceMonitor:
+    """Spike ratio = loss / the lowest running (EMA) loss so far; divergence = ``patience`` spiking steps in a row.
+
+    A run that diverges without a NaN (loss 2.5 -> 6.5 over 200 steps) is caught here: the ratio
+    is logged every step, and ``update`` returns True once the loss has stayed above
+    ``factor`` times its best running level for ``patience`` consecutive steps. The running level
+    is a bias-corrected EMA; its minimum counts only after ``warmup`` steps (the LR warm-up), so
+    the first noisy steps set no standard. The state travels in checkpoints so a resumed run decides the same.
+    """
+
+    def __init__(self, factor: float | None = 2.0, patience: int = 50, decay: float = 0.95, warmup: int = 20) -> None:
+        self.factor, self.patience, self.decay, self.warmup = factor, patience, decay, warmup
+        self.ema = 0.0
+        self.count = 0
+        self.best = math.inf
+        self.best_step = -1
+        self.over = 0
+        self.ratio = 1.0
+
+    def update(self, loss: float, step: int) -> bool:
+        """Take one step's loss; True when the run counts as diverged."""
+        self.count += 1
+        self.ema = self.decay * self.ema + (1.0 - self.decay) * loss
+        level = self.ema / (1.0 - self.decay ** self.count)
+        if self.count >= self.warmup and level < self.best:
+            self.best, self.best_step = level, step
+        self.ratio = loss / self.best if math.isfinite(self.best) and self.best > 0 else 1.0
+        spiking = self.factor is not None and self.ratio > self.factor
+        self.over = self.over + 1 if spiking else 0
+        return self.over >= self.patience
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Plain numbers for a checkpoint."""
+        return {"ema": self.ema, "count": self.count, "best": self.best, "best_step": self.best_step, "over": self.over}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.ema, self.count, self.best = float(d["ema"]), int(d["count"]), float(d["best"])
+        self.best_step, self.over = int(d["best_step"]), int(d["over"])
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -57,7 +102,8 @@ class TernkitLM(L.LightningModule):
     """
 
     def __init__(self, model_config: ModelConfig | dict[str, Any], optimizer: OptimizerConfig | dict[str, Any],
-                 schedule: ScheduleConfig | dict[str, Any], max_steps: int, run_info: dict[str, Any] | None = None) -> None:
+                 schedule: ScheduleConfig | dict[str, Any], max_steps: int, run_info: dict[str, Any] | None = None,
+                 divergence: dict[str, Any] | None = None) -> None:
         super().__init__()
         # Typed here, stored as plain data: a checkpoint's hyper-parameters must load with weights_only=True.
         cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
@@ -67,6 +113,12 @@ class TernkitLM(L.LightningModule):
                                              self.sched_cfg.model_dump(mode="json"))
         self.save_hyperparameters()
         from ternkit.models.lm import XLSTMLM
+
+        div = divergence or {}
+        # The best running level counts from the end of the LR warm-up, when the loss starts to mean something.
+        self.divergence = DivergenceMonitor(div.get("factor", 2.0), int(div.get("patience", 50)),
+                                            warmup=max(1, self.sched_cfg.warmup_steps))
+        self.divergence_stop = bool(div.get("stop", True))
 
         self.model = XLSTMLM(cfg)
         self._t_last: float | None = None
@@ -95,7 +147,11 @@ class TernkitLM(L.LightningModule):
             self.log("tok/s", ntok * self.trainer.world_size / dt, prog_bar=True, on_step=True, logger=False)
         self._t_last = now
         self.last_train_loss = float(ce.detach())
+        diverged = self.divergence.update(self.last_train_loss, self.global_step)
         self.log("train/loss", ce, prog_bar=True, on_step=True)
+        self.log("train/spike", self.divergence.ratio, prog_bar=True, on_step=True)
+        if diverged and self.divergence_stop:
+            raise DivergenceError(self._divergence_message())
         if aux.requires_grad or aux.item() != 0.0:
             self.log("train/aux", aux, on_step=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
@@ -118,6 +174,17 @@ class TernkitLM(L.LightningModule):
             fix = "then train again"
         return (f"the training loss became {value} at step {self.global_step}, so the run stopped and {kept}: "
                 f"lower optimizer.lr or set trainer.grad_clip, {fix}.")
+
+    def _divergence_message(self) -> str:
+        """One sentence: how far the loss rose, since when, which checkpoints survive, what to do."""
+        d = self.divergence
+        run_dir = (self.hparams.get("run_info") or {}).get("run_dir")
+        kept = [p for p in ("best.ckpt", "last.ckpt") if run_dir and (Path(run_dir) / p).is_file()]
+        where = f"{', '.join(str(Path(run_dir) / p) for p in kept)} kept" if kept else "no checkpoint written yet"
+        return (f"the training loss diverged: {self.last_train_loss:.3f} at step {self.global_step} has stayed above "
+                f"{d.factor:g}x its best running level {d.best:.3f} (step {d.best_step}) for {d.patience} steps, so the "
+                f"run stopped ({where}): lower optimizer.lr, raise schedule.warmup_steps or set trainer.grad_clip, "
+                "or set trainer.divergence_stop false to train on.")
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Validation cross-entropy (logged as val/loss)."""
@@ -156,12 +223,16 @@ class TernkitLM(L.LightningModule):
         """Tag the checkpoint as ternkit's and store every RNG state."""
         checkpoint["ternkit"] = {"version": __version__, "model_config": self.model.config.to_dict(),
                                  "run_info": self.hparams.get("run_info") or {}}
+        checkpoint["ternkit"]["divergence"] = self.divergence.state_dict()
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                              "numpy": _np_state_to_safe(np.random.get_state()),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the RNG states saved by :meth:`on_save_checkpoint`."""
+        """Restore the RNG states and the divergence monitor saved by :meth:`on_save_checkpoint`."""
+        div = (checkpoint.get("ternkit") or {}).get("divergence")
+        if div:
+            self.divergence.load_state_dict(div)
         rng = checkpoint.get("rng")
         if not rng:
             return

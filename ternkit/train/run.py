@@ -29,7 +29,7 @@ def model_config_from_recipe(recipe: Recipe, vocab_size: int) -> ModelConfig:
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Weights by kind: ``ternary`` (latent or integer-state trits), ``float`` (everything else trainable), and
     ``integer_state``: the integer buffers (packed trits, exponents, accumulators, votes), flags excluded."""
-    from ternkit.quant.linear import ternary_modules
+    from ternkit.modules.linear import ternary_modules
 
     tern = 0
     tern_ids: set[int] = set()
@@ -189,12 +189,12 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ternkit.export import load_checkpoint
+    from ternkit.checkpoint import load_checkpoint
     from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, ReplicaCheckCallback,
                                         SampleCallback, TelemetryCallback, sample_text)
     from ternkit.train.data import TernkitDataModule
     from ternkit.train.module import TernkitLM
-    from ternkit.train.tokenizer import write_text_atomic
+    from ternkit.tokenizer import write_text_atomic
 
     _quiet_lightning()
     run_dir = recipe.run_dir
@@ -232,7 +232,10 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
         raise TernkitError(f"this recipe's tokenizer differs from the one {run_dir} was trained with (tokenizer.json); "
                            "resume with the run's own recipe.yaml.")
     module = TernkitLM(cfg.to_dict(), recipe.optimizer.model_dump(mode="json"), recipe.schedule.model_dump(mode="json"),
-                       recipe.trainer.max_steps, run_info={"run_dir": str(run_dir), "name": recipe.name})
+                       recipe.trainer.max_steps, run_info={"run_dir": str(run_dir), "name": recipe.name},
+                       divergence={"factor": recipe.trainer.divergence_factor,
+                                   "patience": recipe.trainer.divergence_patience,
+                                   "stop": recipe.trainer.divergence_stop})
     counts = parameter_counts(module.model)
     result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None)
     if dry_run:

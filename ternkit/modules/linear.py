@@ -31,7 +31,7 @@ class TernaryLinear(nn.Module):
     ``scale`` picks the ternarizer: ``"absmean"`` (per-tensor, BitNet b1.58), ``"per_row"``,
     ``"lsq"`` (learnable alpha, init 2 * mean|W|); each keeps a latent float ``weight`` (out, in)
     trained with a straight-through estimator. The integer-state ``"group"`` scale is
-    :class:`ternkit.quant.group.GroupTernaryLinear`; :func:`make_linear` builds either from a
+    :class:`ternkit.modules.group.GroupTernaryLinear`; :func:`make_linear` builds either from a
     :class:`~ternkit.quant.spec.TernarySpec`. ``act_bits=8`` adds per-token absmax int8 activation quantization (STE).
     """
 
@@ -92,13 +92,13 @@ def make_linear(in_features: int, out_features: int, spec: TernarySpec | None, b
     """The one way to build a projection x (..., in) -> (..., out): ``nn.Linear`` when ``spec`` is None, else ternary.
 
     ``spec.scale`` "absmean", "per_row" or "lsq" gives a latent-weight :class:`TernaryLinear`;
-    "group" the integer-state :class:`ternkit.quant.group.GroupTernaryLinear` with
+    "group" the integer-state :class:`ternkit.modules.group.GroupTernaryLinear` with
     ``spec.group_size`` columns per scale. ``spec.act_bits=8`` quantizes inputs per token.
     """
     if spec is None:
         return nn.Linear(in_features, out_features, bias=bias)
     if spec.scale == "group":
-        from ternkit.quant.group import GroupTernaryLinear
+        from ternkit.modules.group import GroupTernaryLinear
 
         return GroupTernaryLinear(in_features, out_features, bias=bias, group_size=spec.group_size,
                                   act_bits=spec.act_bits)
