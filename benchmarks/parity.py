@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ternkit.models.parity import run_parity
+from ternkit.parity import run_parity
 
 
 def main() -> None:

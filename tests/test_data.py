@@ -11,11 +11,13 @@ import torch
 
 from ternkit.errors import TernkitError
 from ternkit.recipe import recipe_from_dict
-from ternkit.train import data as D
-from ternkit.train.data import (
-    IGNORE_INDEX, StepBatches, TernkitDataModule, TokenDataset, batch_indices, mqar_examples, parity_examples,
-    prepare_text_data, split_documents, text_source,
+from ternkit.data import sources as S
+from ternkit.data import tasks as D
+from ternkit.data import (
+    IGNORE_INDEX, StepBatches, TokenDataset, batch_indices, mqar_examples, parity_examples, prepare_text_data,
+    split_documents, text_source,
 )
+from ternkit.train.data import TernkitDataModule
 from ternkit.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer, load_tokenizer, train_bpe
 
 SAMPLE = "def f(x):\n    return x * 2  # héllo wörld €\n"
@@ -122,7 +124,7 @@ def test_missing_file_glob_and_empty_corpus_errors(tmp_path: Path) -> None:
 def test_hub_without_network_fails_fast_with_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(S, "_hub_reachable", lambda timeout=3.0: False)
     r = _recipe(tmp_path, source="hub", hub_name="someone/corpus")
     with pytest.raises(TernkitError, match="cannot reach the Hugging Face Hub.*data.source=files data.paths"):
         prepare_text_data(r.data, r.tokenizer, tmp_path / "cache")
@@ -273,7 +275,7 @@ def test_datamodule_text_and_synthetic(tmp_path: Path) -> None:
     dm.start_step = 3
     it = iter(dm.train_dataloader())
     assert torch.equal(next(it)[0], dm.train_batch(3)[0])
-    assert dm.state_dict()["fingerprint"] == dm.data.meta["fingerprint"]
+    assert dm.state_dict()["fingerprint"] == dm.task.data.meta["fingerprint"]
 
     p = recipe_from_dict({"data": {"source": "parity"}, "trainer": {"batch_size": 8}})
     dm = TernkitDataModule(p, tmp_path / "prun")

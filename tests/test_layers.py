@@ -16,9 +16,9 @@ LAYERS: dict[str, int] = {
     "ops": 2,
     "modules": 3,
     "models": 4,
-    "recipe": 5, "checkpoint": 5, "tokenizer": 5,
+    "recipe": 5, "checkpoint": 5, "tokenizer": 5, "data": 5,
     "train": 6, "export": 6,
-    "bench": 7, "inspect": 7, "generate": 7,
+    "bench": 7, "inspect": 7, "generate": 7, "parity": 7,
     "cli": 8,
 }
 

@@ -326,3 +326,28 @@ def test_stc_ternary_lm_trains_300_steps(one_thread: None) -> None:
     frac = _decode_skip_fraction(m)
     print(f"loss {first:.3f} -> {last:.3f}; decode skip fraction {frac:.3f}")
     assert 0.0 < frac < 1.0
+
+
+def test_stc_value_settings_reach_the_quantizers_and_decoding_stays_exact() -> None:
+    """Keys-only STC leaves values float; value_sparsity sets the values' own target; decoding matches the forward."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 37, (2, 12))
+    for extra, v_target in (({"stc_quantize": "k"}, None), ({"value_sparsity": 0.5}, 0.5), ({}, 0.75)):
+        m = XLSTMLM(_cfg(gate_mode="ternary_decay", memory_backend="stc_sparse", **extra))
+        layer = m.blocks[0].mlstm
+        assert (layer.v_quant is None) == (v_target is None)
+        if v_target is not None:
+            assert layer.v_quant.target_sparsity == v_target and layer.k_quant.target_sparsity == 0.75
+        m.train()
+        m(tokens)  # calibrate the thresholds
+        m.eval()
+        with torch.no_grad():
+            full = m(tokens)
+            state = None
+            steps = []
+            for t in range(tokens.shape[1]):
+                logits, state = m.step(tokens[:, t], state)
+                steps.append(logits)
+        torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-4, rtol=1e-3)
+        st = m.stc_stats()[0]
+        assert 0.0 < st["skip_fraction"] <= 1.0 and (st["zero_fraction_v"] is None) == (v_target is None)

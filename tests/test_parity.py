@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ternkit.models.parity import BOS, parity_batch, run_parity
+from ternkit.parity import BOS, parity_batch, run_parity
 
 
 def test_parity_batch_targets() -> None:

@@ -51,7 +51,7 @@ def test_shipped_recipes_are_the_repo_files_and_have_the_right_shape() -> None:
     assert (dense.model.d_model, dense.model.n_blocks) == (stc.model.d_model, stc.model.n_blocks)
     assert not any(dense.model.is_ternary(p) for p in ("up", "qkv", "down", "ffn", "head"))
     assert (dense.model.gate_mode, dense.model.memory_backend) == ("sigmoid", "dense")
-    par = load_recipe("parity")  # the recipe form of ternkit/models/parity.py's experiment
+    par = load_recipe("parity")  # the recipe form of ternkit/parity.py's experiment
     assert (par.model.gate_mode, par.model.n_blocks, par.model.d_model, par.model.forget_bias_init) == \
         ("ternary", 1, 32, (0.5, 0.5))
     assert par.data.parity.eval_len > par.data.parity.train_len_max

@@ -10,7 +10,8 @@ from torch import nn
 
 from ternkit.errors import TernkitError
 from ternkit.models.config import ModelConfig
-from ternkit.models.mlstm import MLSTMLayer, MLSTMState, _small_init_, _wang_init_, _has_latent_weight
+from ternkit.models.ffn import SwiGLU, has_latent_weight, small_init_
+from ternkit.models.mlstm import MLSTMLayer, MLSTMState
 from ternkit.modules.linear import make_linear
 from ternkit.quant.spec import TernarySpec
 
@@ -24,25 +25,6 @@ def _make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
     return nn.LayerNorm(dim, eps=eps, bias=False)
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU FFN y (..., D) = W2 (SiLU(W1 x) * W3 x), hidden width round(ffn_factor * D); float or ternary."""
-
-    def __init__(self, d_model: int, hidden: int, spec: TernarySpec | None, n_blocks: int = 1) -> None:
-        super().__init__()
-        self.hidden = hidden
-        self.w13 = make_linear(d_model, 2 * hidden, spec)
-        self.w2 = make_linear(hidden, d_model, spec)
-        if _has_latent_weight(self.w13):
-            _small_init_(self.w13.weight, d_model)
-        if _has_latent_weight(self.w2):
-            _wang_init_(self.w2.weight, hidden, n_blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y (..., D) from x (..., D)."""
-        a, b = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(a) * b)
 
 
 class XLSTMBlock(nn.Module):
@@ -105,7 +87,7 @@ class XLSTMLM(nn.Module):
                                "(ModelConfig.with_vocab(n)).")
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        _small_init_(self.embedding.weight, cfg.d_model)
+        small_init_(self.embedding.weight, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(XLSTMBlock(cfg, kind) for kind in cfg.ffn_kinds())
         self.norm = _make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
@@ -113,8 +95,8 @@ class XLSTMLM(nn.Module):
             self.head: nn.Module | None = None
         else:
             self.head = make_linear(cfg.d_model, cfg.vocab_size, cfg.spec_for("head"))
-            if _has_latent_weight(self.head):
-                _small_init_(self.head.weight, cfg.d_model)
+            if has_latent_weight(self.head):
+                small_init_(self.head.weight, cfg.d_model)
 
     # --- construction ------------------------------------------------------------------------------
 

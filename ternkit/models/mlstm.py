@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ternkit.models.config import ModelConfig
+from ternkit.models.ffn import has_latent_weight, small_init_, wang_init_
 from ternkit.ops import mlstm as mlstm_ops
 from ternkit.modules.linear import make_linear
 from ternkit.modules.stc import STCQuantizer
@@ -19,21 +19,6 @@ __all__ = ["BlockDiagonalLinear", "CausalConv1d", "MLSTMLayer", "MLSTMState", "M
 # Per-layer decoding state: the memory (C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)) and the conv
 # buffer (B, conv_kernel - 1, inner) holding the last inputs of the q/k path. Its size does not grow with tokens.
 MLSTMState = dict[str, torch.Tensor]
-
-
-def _small_init_(w: torch.Tensor, dim: int) -> None:
-    # "small init" of xLSTM / Transformers without Tears: std sqrt(2 / (5 d)).
-    nn.init.normal_(w, mean=0.0, std=math.sqrt(2.0 / (5.0 * dim)))
-
-
-def _wang_init_(w: torch.Tensor, dim: int, n_blocks: int) -> None:
-    # Output projections shrink with depth (Wang init, as in xLSTM) so the residual stream stays O(1).
-    nn.init.normal_(w, mean=0.0, std=2.0 / max(n_blocks, 1) / math.sqrt(dim))
-
-
-def _has_latent_weight(mod: nn.Module) -> bool:
-    w = getattr(mod, "weight", None)
-    return isinstance(w, nn.Parameter) and w.is_floating_point()
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -46,7 +31,7 @@ class BlockDiagonalLinear(nn.Module):
         self.num_blocks = dim // blocksize
         self.weight = nn.Parameter(torch.empty(self.num_blocks, blocksize, blocksize))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-        _small_init_(self.weight, blocksize)
+        small_init_(self.weight, blocksize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y (..., D) from x (..., D)."""
@@ -164,21 +149,21 @@ class MLSTMLayer(nn.Module):
     def reset_parameters(self) -> None:
         """xLSTM's initialization: small init in, Wang init out, zero gate weights, forget bias linspace."""
         cfg = self.cfg
-        if _has_latent_weight(self.proj_up):
-            _small_init_(self.proj_up.weight, cfg.d_model)
-        if _has_latent_weight(self.proj_down):
-            _wang_init_(self.proj_down.weight, self.inner_dim, cfg.n_blocks)
+        if has_latent_weight(self.proj_up):
+            small_init_(self.proj_up.weight, cfg.d_model)
+        if has_latent_weight(self.proj_down):
+            wang_init_(self.proj_down.weight, self.inner_dim, cfg.n_blocks)
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             if isinstance(proj, BlockDiagonalLinear):
-                _small_init_(proj.weight, cfg.qkv_blocksize)
-            elif _has_latent_weight(proj):
-                _small_init_(proj.weight, self.inner_dim)
+                small_init_(proj.weight, cfg.qkv_blocksize)
+            elif has_latent_weight(proj):
+                small_init_(proj.weight, self.inner_dim)
         for proj in (self.proj_up, self.proj_down, self.q_proj, self.k_proj, self.v_proj):
             b = getattr(proj, "bias", None)
             if isinstance(b, nn.Parameter):
                 nn.init.zeros_(b)
             alpha = getattr(proj, "alpha", None)
-            if isinstance(alpha, nn.Parameter) and _has_latent_weight(proj):
+            if isinstance(alpha, nn.Parameter) and has_latent_weight(proj):
                 with torch.no_grad():  # LSQ scale follows the re-initialized latent weight
                     alpha.copy_(2.0 * proj.weight.abs().mean())
         nn.init.zeros_(self.fgate.weight)

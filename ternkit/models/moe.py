@@ -23,9 +23,8 @@ from torch import nn
 
 from ternkit.errors import TernkitError
 from ternkit.models.config import MoEConfig
-from ternkit.modules.linear import make_linear
+from ternkit.models.ffn import SwiGLU
 from ternkit.quant.spec import TernarySpec
-from ternkit.quant.ternarize import act_quant_8bit
 
 __all__ = ["MoEConfig", "SwiGLUExpert", "MoEFFN", "update_moe_biases", "moe_modules"]
 
@@ -33,67 +32,9 @@ __all__ = ["MoEConfig", "SwiGLUExpert", "MoEFFN", "update_moe_biases", "moe_modu
 _DEFAULT_SPEC = TernarySpec()
 
 
-def _frozen_weight(layer: nn.Module) -> torch.Tensor | None:
-    """The effective weight (out, in) of ``layer`` with no graph, or None if it has no such weight."""
-    tw = getattr(layer, "ternary_weight", None)
-    if callable(tw):
-        return tw().detach().clone()
-    if isinstance(layer, nn.Linear):
-        return layer.weight.detach()
-    return None
-
-
-class SwiGLUExpert(nn.Module):
-    """SwiGLU FFN y (N, D) = w2(silu(w1 x) * w3 x) for x (N, D); w1, w3: D -> H, w2: H -> D.
-
-    The layers are ternary layers of ``spec`` (``nn.Linear`` when it is None). ``freeze()``
-    ternarizes the weights once and reuses them until ``train()`` or ``unfreeze()`` (inference).
-    """
-
-    def __init__(self, d_model: int, hidden: int, spec: TernarySpec | None = _DEFAULT_SPEC) -> None:
-        super().__init__()
-        self.w1 = make_linear(d_model, hidden, spec)
-        self.w3 = make_linear(d_model, hidden, spec)
-        self.w2 = make_linear(hidden, d_model, spec)
-        self._frozen: list[torch.Tensor | None] | None = None
-        self._w13: torch.Tensor | None = None
-
-    def freeze(self) -> None:
-        """Cache the effective (ternarized) weights for inference; call again after changing weights."""
-        self._frozen = [_frozen_weight(m) for m in (self.w1, self.w3, self.w2)]
-        w1, w3 = self._frozen[0], self._frozen[1]
-        plain = all(getattr(m, "act_bits", None) is None and getattr(m, "bias", None) is None
-                    for m in (self.w1, self.w3))
-        self._w13 = torch.cat([w1, w3], dim=0) if (w1 is not None and w3 is not None and plain) else None
-
-    def unfreeze(self) -> None:
-        """Drop the cached weights; forward ternarizes the latent weights again."""
-        self._frozen = None
-        self._w13 = None
-
-    def train(self, mode: bool = True) -> SwiGLUExpert:
-        if mode:
-            self._frozen, self._w13 = None, None  # cached weights would carry no gradient to the latent weights
-        return super().train(mode)
-
-    def _lin(self, i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = None if self._frozen is None else self._frozen[i]
-        if w is None:
-            return layer(x)
-        if getattr(layer, "act_bits", None) == 8:
-            x = act_quant_8bit(x)
-        b = getattr(layer, "bias", None)
-        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y (N, D) from x (N, D)."""
-        if self._w13 is not None and not torch.is_grad_enabled():
-            # Inference fast path: one (N, D) x (D, 2H) matmul for w1 and w3, in-place activation.
-            h = F.linear(x, self._w13.to(x.dtype))
-            a, b = h.chunk(2, dim=-1)
-            a = F.silu(a, inplace=True).mul_(b)
-            return self._lin(2, self.w2, a)
-        return self._lin(2, self.w2, F.silu(self._lin(0, self.w1, x)) * self._lin(1, self.w3, x))
+def SwiGLUExpert(d_model: int, hidden: int, spec: TernarySpec | None = _DEFAULT_SPEC) -> SwiGLU:
+    """One expert: the model's SwiGLU with W1 and W3 apart (a ternary scale each) and the layers' own init."""
+    return SwiGLU(d_model, hidden, spec, n_blocks=None, fused=False)
 
 
 class MoEFFN(nn.Module):
@@ -330,14 +271,14 @@ class MoEFFN(nn.Module):
         """Switch to eval mode and cache every expert's ternarized weights (inference fast path)."""
         self.eval()
         for m in self.modules():
-            if isinstance(m, SwiGLUExpert):
+            if isinstance(m, SwiGLU):
                 m.freeze()
         return self
 
     def unfreeze(self) -> MoEFFN:
         """Drop the cached expert weights."""
         for m in self.modules():
-            if isinstance(m, SwiGLUExpert):
+            if isinstance(m, SwiGLU):
                 m.unfreeze()
         return self
 

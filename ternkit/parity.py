@@ -1,4 +1,4 @@
-"""Parity of bit strings with a one-block xLSTM LM: the ternary forget gate (g = -1 negates the memory) vs the sigmoid gate.
+"""The parity experiment: parity of bit strings with a one-block xLSTM LM: the ternary forget gate (g = -1 negates the memory) vs the sigmoid gate.
 
 Task: the input is BOS followed by L random bits; at every position t the model predicts the
 parity of the bits seen so far (0 at BOS). Training uses L = ``train_len`` (16), so every prefix
@@ -27,28 +27,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ternkit.data.tasks import PARITY_BOS, PARITY_VOCAB, parity_examples
 from ternkit.models.config import ModelConfig
 from ternkit.models.lm import XLSTMLM
 
-__all__ = ["parity_batch", "parity_model", "evaluate_parity", "run_parity"]
+__all__ = ["BOS", "parity_batch", "parity_model", "evaluate_parity", "run_parity"]
 
-BOS = 2
+BOS = PARITY_BOS
 
 
-def parity_batch(batch_size: int, length: int, generator: torch.Generator | None = None,
-                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (B, L+1) long: BOS then bits, targets (B, L+1) long: running parity, 0 at BOS)."""
-    bits = torch.randint(0, 2, (batch_size, length), generator=generator, device=device)
-    tokens = torch.cat([torch.full((batch_size, 1), BOS, dtype=torch.long, device=device), bits], dim=1)
-    parity = torch.cumsum(bits, dim=1) % 2
-    targets = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long, device=device), parity], dim=1)
-    return tokens, targets
+def parity_batch(batch_size: int, length: int, generator: torch.Generator | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, L+1) long: BOS then L bits, targets (B, L+1) long: running parity, 0 at BOS).
+
+    The task of ``data.source: parity`` (:func:`ternkit.data.tasks.parity_examples`) at one fixed length.
+    """
+    x, y, _ = parity_examples(batch_size, length, length, generator)
+    return x, y
 
 
 def parity_model(gate_mode: str, d_model: int = 32, n_heads: int = 2, forget_bias_init: tuple[float, float] = (0.5, 0.5),
                  ternary: tuple[str, ...] = ()) -> XLSTMLM:
     """A one-block, FFN-free xLSTM LM over the 3 tokens {0, 1, BOS}; the logits of tokens 0/1 are the parity classes."""
-    cfg = ModelConfig(vocab_size=3, d_model=d_model, n_blocks=1, n_heads=n_heads, context_length=128,
+    cfg = ModelConfig(vocab_size=PARITY_VOCAB, d_model=d_model, n_blocks=1, n_heads=n_heads, context_length=128,
                       chunk_size=64, gate_mode=gate_mode, ffn="none", ternary_projections=list(ternary),
                       forget_bias_init=forget_bias_init, tie_embeddings=False)
     return XLSTMLM(cfg)
