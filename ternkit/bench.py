@@ -518,9 +518,6 @@ QUALITY_TWIN: tuple[str, ...] = (
 _MAIN = "@main"  # an override value meaning "this key's value in the QUALITY_BASE recipe"
 _TERN = "model.ternary_projections=[up,qkv,down]"
 _DGATE = "model.gate_mode=ternary_decay"
-# The decay gate's magnitude is sigmoid(|f~| + DECAY_OFFSET): this bias starts it where the twin's
-# forget gates start (sigmoid(3..6)), so the variant differs from the twin by the gate alone.
-_DGATE_BIAS = "model.forget_bias_init=[0.6,3.6]"
 
 #: key -> (label, overrides relative to the float twin). One line per variant; "twin" must stay first.
 QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -535,15 +532,17 @@ QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "stc_v0": ("stc memory, dense ternary values", ("model.memory_backend=stc_sparse", "model.value_sparsity=0.0")),
     "stc_s50": ("stc memory, 50% zeros", ("model.memory_backend=stc_sparse", "model.target_sparsity=0.5")),
     "tgate": ("ternary gate", ("model.gate_mode=ternary",)),
-    "dgate": ("ternary decay gate", (_DGATE, _DGATE_BIAS)),
+    "dgate": ("ternary decay gate", (_DGATE,)),
     "stc_tgate": ("stc + ternary gate", ("model.memory_backend=stc_sparse", "model.gate_mode=ternary")),
-    "stc_dgate": ("stc + decay gate", ("model.memory_backend=stc_sparse", _DGATE, _DGATE_BIAS)),
-    "stc_k_dgate": ("stc keys only + decay gate", ("model.memory_backend=stc_sparse", "model.stc_quantize=k", _DGATE,
-                                                   _DGATE_BIAS)),
+    "stc_dgate": ("stc + decay gate", ("model.memory_backend=stc_sparse", _DGATE)),
+    "stc_k_dgate": ("stc keys only + decay gate", ("model.memory_backend=stc_sparse", "model.stc_quantize=k", _DGATE)),
     "all_tgate": ("all three, ternary gate", (_TERN, "model.memory_backend=stc_sparse", "model.gate_mode=ternary")),
-    "all_dgate": ("all three, decay gate", (_TERN, "model.memory_backend=stc_sparse", _DGATE, _DGATE_BIAS)),
+    "all_dgate": ("all three, decay gate", (_TERN, "model.memory_backend=stc_sparse", _DGATE)),
+    "updown_k_dgate": ("ternary up/down, stc keys only, decay gate", ("model.ternary_projections=[up,down]",
+                                                                       "model.memory_backend=stc_sparse",
+                                                                       "model.stc_quantize=k", _DGATE)),
     "all_k_dgate": ("all three, stc keys only, decay gate", (_TERN, "model.memory_backend=stc_sparse",
-                                                             "model.stc_quantize=k", _DGATE, _DGATE_BIAS)),
+                                                             "model.stc_quantize=k", _DGATE)),
     "flagship": ("flagship", (f"model.ternary_projections={_MAIN}", f"model.memory_backend={_MAIN}",
                               f"model.gate_mode={_MAIN}", f"model.forget_bias_init={_MAIN}",
                               f"model.stc_quantize={_MAIN}", f"model.quant.scale={_MAIN}",

@@ -36,6 +36,7 @@ def _flat(text: str) -> str:
 def test_quality_recipes_derive_every_variant_from_the_twin() -> None:
     r = quality_recipes(300)
     assert list(r) == list(QUALITY_VARIANTS) and list(r)[0] == "twin"
+    assert all(isinstance(sets, tuple) and all("=" in x for x in sets) for _, sets in QUALITY_VARIANTS.values())
     twin = r["twin"]
     assert (twin.model.gate_mode, twin.model.memory_backend, twin.model.ternary_projections) == ("sigmoid", "dense", [])
     m = twin.model
@@ -48,8 +49,9 @@ def test_quality_recipes_derive_every_variant_from_the_twin() -> None:
 
     main = load_recipe("mlstm_stc")
     f = r["flagship"].model
-    assert (f.gate_mode, f.memory_backend, f.ternary_projections) == (
-        main.model.gate_mode, main.model.memory_backend, main.model.ternary_projections)
+    assert (f.gate_mode, f.memory_backend, f.ternary_projections, f.stc_quantize, f.forget_bias_init, f.quant) == (
+        main.model.gate_mode, main.model.memory_backend, main.model.ternary_projections, main.model.stc_quantize,
+        main.model.forget_bias_init, main.model.quant)
     # Only the named pieces differ between variants; size, data and schedule are the twin's.
     assert all(v.trainer == twin.trainer and v.data == twin.data and v.optimizer == twin.optimizer for v in r.values())
 

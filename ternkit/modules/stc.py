@@ -11,9 +11,10 @@ from ternkit.ops.stc import stc_quantize
 
 __all__ = ["STCQuantizer"]
 
-# Beyond this many entries per head a strided subsample is statistically as good and keeps the
-# threshold update cheap.
-_MAX_QUANTILE_SAMPLES = 1 << 16
+# Beyond this many entries per head a strided subsample is statistically as good (the standard error
+# of the 0.75 quantile of 8192 samples is 0.5% of the data's spread, and tau is an EMA on top) and
+# keeps the threshold update cheap: with 65536 samples the selections were 18% of a training step.
+_MAX_QUANTILE_SAMPLES = 1 << 13
 
 
 class STCQuantizer(nn.Module):

@@ -7,7 +7,6 @@ inference-time memory write that skips the zero rows/columns of ``k v^T`` lives 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -20,14 +19,10 @@ __all__ = [
     "ternary_gate",
     "ternary_decay_gate",
     "TERNARY_GATE_THRESHOLD",
-    "DECAY_OFFSET",
 ]
 
 #: |tanh(f~)| must exceed this for the ternary gate to be non-zero.
 TERNARY_GATE_THRESHOLD = 0.5
-
-#: logit(0.95) - atanh(0.5): the decay gate's magnitude is 0.95 where it turns on (see ternary_decay_gate).
-DECAY_OFFSET = math.log(0.95 / 0.05) - math.atanh(TERNARY_GATE_THRESHOLD)
 
 
 def _stc_forward(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -99,15 +94,14 @@ def ternary_decay_gate(f_preact: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Ternary-sign forget gate with a decaying magnitude: f~ (any shape) -> (t, log_a), both of f~'s shape.
 
     The gate is g = t * a with t = :func:`ternary_gate` (f~) in {-1, 0, +1} (sign and clear,
-    straight-through the tanh) and a = sigmoid(|f~| + DECAY_OFFSET), returned as log_a with its
-    exact gradient. The offset makes a gate that has just turned on (|f~| at the clear threshold
-    atanh(0.5) = 0.5493) keep 95% of the memory per step; without it such a gate would keep only
-    63%, and a model that learns to keep or negate (state tracking) starts by forgetting almost
-    everything. So for f~ > 0.5493 the gate is the sigmoid gate of f~ + DECAY_OFFSET (a forget
-    bias b of the sigmoid model is b - DECAY_OFFSET here), for f~ < -0.5493 it negates and decays
-    by the same magnitude, in between it clears; a reaches 1 only as |f~| -> inf, so unlike
-    :func:`ternary_gate` nothing preserves the memory exactly. d g / d f~ = (1 - tanh(f~)^2) * a +
-    t * d a / d f~. The pair is returned separately so that callers can keep the sign in linear
-    space and the magnitude in log space (see :mod:`ternkit.ops.mlstm`).
+    straight-through the tanh) and a = sigmoid(|f~|), returned as log_a = logsigmoid(|f~|) with
+    its exact gradient. Where t != 0 (|f~| > atanh(0.5) = 0.5493) a lies in (0.63, 1), so for
+    f~ > 0.5493 the gate is exactly the sigmoid gate sigmoid(f~) (a model with xLSTM's forget
+    bias linspace(3, 6) starts as its float twin and learns its decays with the twin's gradient),
+    for f~ < -0.5493 it negates and decays by sigmoid(|f~|), in between it clears; a reaches 1
+    only as |f~| -> inf, so unlike :func:`ternary_gate` nothing preserves the memory exactly.
+    d g / d f~ = (1 - tanh(f~)^2) * a + t * d a / d f~. The pair is returned separately so that
+    callers can keep the sign in linear space and the magnitude in log space (see
+    :mod:`ternkit.ops.mlstm`).
     """
-    return ternary_gate(f_preact), F.logsigmoid(f_preact.abs() + DECAY_OFFSET)
+    return ternary_gate(f_preact), F.logsigmoid(f_preact.abs())
