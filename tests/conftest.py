@@ -171,3 +171,18 @@ def toy_moe_run(tmp_path_factory: pytest.TempPathFactory, token_cache: Path) -> 
         code = exit_code_of(argv)
     assert code == 0, f"toy MoE training failed with exit code {code}"
     return run_dir
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count after a test that sets --threads."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def flat(text: str) -> str:
+    """``text`` with every run of whitespace folded to one space (rich wraps table cells)."""
+    return " ".join(text.split())

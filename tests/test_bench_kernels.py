@@ -25,19 +25,11 @@ from ternkit.bench import (
 from ternkit.cli.main import app
 from ternkit.errors import TernkitError
 
+from conftest import flat as _flat
+
 runner = CliRunner()
 
 
-@pytest.fixture
-def keep_threads():
-    """Restore torch's thread count after a test that sets --threads."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 # --- harness -----------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from ternkit.bench import QUALITY_VARIANTS, bench_quality, quality_diverged, qua
 from ternkit.cli.main import app
 from ternkit.errors import TernkitError
 
+from conftest import flat as _flat
+
 runner = CliRunner()
 
 # d_model 16, 1 block, context 16, batch 2, 1 val batch; a small slice of the stdlib corpus tokenizes fast.
@@ -21,16 +23,6 @@ TINY = ["model.d_model=16", "model.n_blocks=1", "model.context_length=16", "trai
         "trainer.val_batches=1", "data.max_chars=100000"]
 
 
-@pytest.fixture
-def keep_threads():
-    """Restore torch's thread count after a test that sets --threads."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def test_quality_recipes_derive_every_variant_from_the_twin() -> None:

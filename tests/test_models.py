@@ -332,7 +332,8 @@ def test_stc_value_settings_reach_the_quantizers_and_decoding_stays_exact() -> N
     """Keys-only STC leaves values float; value_sparsity sets the values' own target; decoding matches the forward."""
     torch.manual_seed(0)
     tokens = torch.randint(0, 37, (2, 12))
-    for extra, v_target in (({"stc_quantize": "k"}, None), ({"value_sparsity": 0.5}, 0.5), ({}, 0.75)):
+    for extra, v_target in (({"stc_quantize": "k"}, None), ({"value_sparsity": 0.5}, 0.5), ({}, 0.75),
+                            ({"stc_quantize": "k", "stc_threshold": "vector"}, None)):
         m = XLSTMLM(_cfg(gate_mode="ternary_decay", memory_backend="stc_sparse", **extra))
         layer = m.blocks[0].mlstm
         assert (layer.v_quant is None) == (v_target is None)

@@ -133,3 +133,22 @@ def test_bad_arguments_raise() -> None:
     q = STCQuantizer(2)
     with pytest.raises(TernkitError, match="heads"):
         q(torch.randn(2, 3, 4, 8))
+
+
+def test_vector_threshold_zeroes_the_same_count_in_every_vector() -> None:
+    from ternkit.ops.stc import vector_threshold
+
+    g = torch.Generator().manual_seed(0)
+    # Norms spread over four orders of magnitude: a per-head threshold would zero the small keys whole.
+    x = torch.randn(3, 2, 5, 16, generator=g) * torch.logspace(-2, 2, 5).view(1, 1, 5, 1)
+    q = STCQuantizer(2, target_sparsity=0.75, threshold="vector")
+    q.train()
+    y = q(x)
+    assert ((y == 0).sum(-1) == 12).all()  # round(0.75 * 16) zeros in every vector, tiny ones included
+    tau = vector_threshold(x, 0.75)
+    kept = x.abs() > tau
+    assert torch.equal(kept, y != 0)
+    assert not bool(q.initialized)  # tau is unused with per-vector thresholds
+    assert torch.equal(vector_threshold(x, 0.0).expand_as(x) < x.abs(), torch.ones_like(kept))
+    with pytest.raises(TernkitError, match="head or vector"):
+        STCQuantizer(2, threshold="token")

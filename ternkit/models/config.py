@@ -123,6 +123,9 @@ class ModelConfig(Section):
     stc_quantize: Literal["kv", "k"] = Field(
         "kv", description="what the STC memory quantizes: keys and values, or keys only (float values; the write "
                           "still skips the zero rows)")
+    stc_threshold: Literal["head", "vector"] = Field(
+        "head", description="one adaptive zero threshold per head, or one per vector (every key keeps the same "
+                            "number of entries)")
     value_sparsity: float | None = Field(
         None, ge=0.0, lt=1.0, description="target zero fraction of STC values; None -> target_sparsity")
     forget_bias_init: tuple[float, float] = Field(

@@ -136,10 +136,10 @@ class MLSTMLayer(nn.Module):
         self.k_quant: STCQuantizer | None = None
         self.v_quant: STCQuantizer | None = None
         if cfg.memory_backend == "stc_sparse":
-            self.k_quant = STCQuantizer(nh, cfg.target_sparsity)
+            self.k_quant = STCQuantizer(nh, cfg.target_sparsity, threshold=cfg.stc_threshold)
             if cfg.stc_quantize == "kv":
                 v_sparsity = cfg.target_sparsity if cfg.value_sparsity is None else cfg.value_sparsity
-                self.v_quant = STCQuantizer(nh, v_sparsity)
+                self.v_quant = STCQuantizer(nh, v_sparsity, threshold=cfg.stc_threshold)
         # Decoding statistics of the sparse write (accumulated by step()).
         self.skip_stats: dict[str, Any] = {}
         # Decoding with an STC memory uses the sparse write; False forces the dense write (benchmarks' baseline).

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ternkit.errors import TernkitError
-from ternkit.ops.stc import stc_quantize
+from ternkit.ops.stc import stc_quantize, vector_threshold
 
 __all__ = ["STCQuantizer"]
 
@@ -24,7 +24,10 @@ class STCQuantizer(nn.Module):
     vector (see :func:`ternkit.ops.stc.stc_quantize`). The gradient is straight-through (identity)
     everywhere, the zero region included.
 
-    tau adapts so that the zero fraction tracks ``target_sparsity``: on the first training batch
+    With ``threshold="vector"`` every vector gets its own threshold that zeroes exactly
+    ``round(target_sparsity * DH)`` of its entries (:func:`ternkit.ops.stc.vector_threshold`); tau
+    is then unused. With ``"head"`` (one threshold per head for all vectors), tau adapts so that the
+    zero fraction tracks ``target_sparsity``: on the first training batch
     it is set to the ``target_sparsity`` quantile of |x| per head (``initialized`` flags this),
     then every training forward moves it by an EMA (``momentum``) towards the batch quantile.
     In eval mode tau is frozen. ``tau`` and ``initialized`` are persistent buffers, so a
@@ -37,12 +40,15 @@ class STCQuantizer(nn.Module):
     initialized: torch.Tensor
 
     def __init__(self, num_heads: int, target_sparsity: float = 0.75, momentum: float = 0.9,
-                 init_tau: float = 0.0) -> None:
+                 init_tau: float = 0.0, threshold: str = "head") -> None:
         super().__init__()
         if not 0.0 <= target_sparsity < 1.0:
             raise TernkitError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}.")
         if not 0.0 <= momentum < 1.0:
             raise TernkitError(f"STC momentum must be in [0, 1), got {momentum!r}.")
+        if threshold not in ("head", "vector"):
+            raise TernkitError(f"STC threshold {threshold!r} is not supported; use head or vector.")
+        self.threshold = threshold
         self.num_heads = int(num_heads)
         self.target_sparsity = float(target_sparsity)
         self.momentum = float(momentum)
@@ -96,9 +102,12 @@ class STCQuantizer(nn.Module):
         if x.dim() not in (3, 4) or x.shape[1] != self.num_heads:
             raise TernkitError(f"STCQuantizer expects (B, {self.num_heads}, S, DH) or (B, {self.num_heads}, DH), "
                                f"got shape {tuple(x.shape)}; reshape to heads first.")
-        if self.training:
-            self.update_tau_(x)
-        tau = self.tau.to(x.dtype).view(1, self.num_heads, *([1] * (x.dim() - 2)))
+        if self.threshold == "vector":
+            tau = vector_threshold(x, self.target_sparsity)
+        else:
+            if self.training:
+                self.update_tau_(x)
+            tau = self.tau.to(x.dtype).view(1, self.num_heads, *([1] * (x.dim() - 2)))
         y = stc_quantize(x, tau)
         # Training: count now (a scalar; keeping y would hold an activation past backward).
         # Inference: keep y and count only when asked; decoding never asks, and it runs per token.
@@ -115,4 +124,5 @@ class STCQuantizer(nn.Module):
         return float(self._last)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, target_sparsity={self.target_sparsity}, momentum={self.momentum}"
+        return (f"num_heads={self.num_heads}, target_sparsity={self.target_sparsity}, momentum={self.momentum}, "
+                f"threshold={self.threshold}")

@@ -16,6 +16,7 @@ from ternkit.errors import TernkitError
 
 __all__ = [
     "stc_quantize",
+    "vector_threshold",
     "ternary_gate",
     "ternary_decay_gate",
     "TERNARY_GATE_THRESHOLD",
@@ -62,6 +63,26 @@ def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _stc_forward(x, tau)  # decoding: the same numbers without the autograd.Function's overhead
     return _STCQuantize.apply(x, tau)
+
+
+@torch.no_grad()
+def vector_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-vector threshold (..., 1) for x (..., DH): zeroes the ``round(sparsity * DH)`` smallest |x| of each vector.
+
+    The threshold sits halfway between the two neighbouring order statistics of |x|, never on a
+    data value, so that a 1-ulp difference between the parallel and the step-by-step forms does
+    not flip an entry; every vector keeps the same number of entries (ties aside), so no token's
+    key vanishes from the memory however small its norm.
+    """
+    d = x.shape[-1]
+    k = int(round(sparsity * d))
+    a = x.detach().abs()
+    if k <= 0:
+        return torch.full_like(a[..., :1], -1.0)
+    lo = a.kthvalue(k, dim=-1, keepdim=True).values
+    if k >= d:
+        return lo
+    return 0.5 * (lo + a.kthvalue(k + 1, dim=-1, keepdim=True).values)
 
 
 class _TernaryGate(torch.autograd.Function):
