@@ -41,9 +41,9 @@ def test_quality_recipes_derive_every_variant_from_the_twin() -> None:
 
     main = load_recipe("mlstm_stc")
     f = r["flagship"].model
-    assert (f.gate_mode, f.memory_backend, f.ternary_projections, f.stc_quantize, f.forget_bias_init, f.quant) == (
-        main.model.gate_mode, main.model.memory_backend, main.model.ternary_projections, main.model.stc_quantize,
-        main.model.forget_bias_init, main.model.quant)
+    keys = ("gate_mode", "memory_backend", "ternary_projections", "stc_quantize", "stc_threshold", "target_sparsity",
+            "forget_bias_init", "quant")
+    assert [getattr(f, k) for k in keys] == [getattr(main.model, k) for k in keys]
     # Only the named pieces differ between variants; size, data and schedule are the twin's.
     assert all(v.trainer == twin.trainer and v.data == twin.data and v.optimizer == twin.optimizer for v in r.values())
 

@@ -175,12 +175,37 @@ def test_stats_deadzone_on_checkpoint_and_export(cli, toy_run: Path, exports: di
     assert table.code == 0 and "total" in table.out and "deep 0" in table.out and "alpha" in table.out
 
 
-def test_stats_stc_on_stc_model(cli, toy_run: Path) -> None:
+def _head_threshold_run(toy_run: Path, out_dir: Path) -> Path:
+    """The toy run's model with STC on keys and values and per-head thresholds, tau set by one training forward."""
+    from ternkit.models.config import ModelConfig
+    from ternkit.train.module import TernkitLM
+
+    ckpt = torch.load(toy_run / "last.ckpt", map_location="cpu", weights_only=True)
+    cfg = ModelConfig.from_dict(ckpt["ternkit"]["model_config"])
+    torch.manual_seed(0)
+    module = TernkitLM({**cfg.to_dict(), "stc_quantize": "kv", "stc_threshold": "head"}, {"lr": 1e-3}, {}, 1,
+                       run_info={"run_dir": str(toy_run)})
+    module.model.train()
+    with torch.no_grad():
+        module.model(torch.randint(0, cfg.vocab_size, (2, 32)))
+    out = {"state_dict": module.state_dict(), "global_step": 1}
+    module.on_save_checkpoint(out)
+    path = out_dir / "head_threshold.ckpt"
+    torch.save(out, path)
+    return path
+
+
+def test_stats_stc_on_stc_model(cli, toy_run: Path, tmp_path: Path) -> None:
     rep = _stats_json(cli, str(toy_run / "last.ckpt"), "--stc")
     (blk,) = rep["stc"]
-    assert blk["block"] == 0 and len(blk["tau_k"]) == 4 and all(t > 0 for t in blk["tau_k"] + blk["tau_v"])
-    # The quantizer aims at 75% zeros; after 12 steps on a probe batch the fraction is in that region.
-    assert 0.4 < blk["zero_fraction_k"] < 0.95
+    # The main job quantizes keys only, with one threshold per key vector: exactly 75% zeros.
+    assert blk["block"] == 0 and blk["threshold"] == "vector" and blk["tau_k"] is None and blk["tau_v"] is None
+    assert blk["zero_fraction_k"] == pytest.approx(0.75) and blk["zero_fraction_v"] is None
+    assert 0.0 < blk["skip_fraction"] <= 1.0
+    head = _stats_json(cli, str(_head_threshold_run(toy_run, tmp_path)), "--stc")["stc"][0]
+    assert len(head["tau_k"]) == 4 and all(t > 0 for t in head["tau_k"] + head["tau_v"])
+    # The per-head quantizer aims at 75% zeros; after a few steps on a probe batch it is in that region.
+    assert 0.4 < head["zero_fraction_k"] < 0.95
 
 
 def test_stats_moe_on_moe_model_and_refused_elsewhere(cli, toy_moe_run: Path, toy_run: Path) -> None:

@@ -43,7 +43,7 @@ def test_shipped_recipes_are_the_repo_files_and_have_the_right_shape() -> None:
     assert set(SHIPPED) <= set(found)
     assert found["mlstm_stc"].resolve() == (REPO / "recipes" / "mlstm_stc.yaml").resolve()
     stc = load_recipe("mlstm_stc")
-    assert (stc.model.memory_backend, stc.model.gate_mode, stc.data.source) == ("stc_sparse", "ternary", "stdlib")
+    assert (stc.model.memory_backend, stc.model.gate_mode, stc.data.source) == ("stc_sparse", "ternary_decay", "stdlib")
     moe = load_recipe("moe_ternary")
     assert moe.model.ffn_kinds() == ["moe"] * moe.model.n_blocks
     assert (moe.model.moe.experts, moe.model.moe.top_k, moe.model.is_ternary("ffn")) == (12, 3, True)

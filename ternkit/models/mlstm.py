@@ -293,13 +293,16 @@ class MLSTMLayer(nn.Module):
         self.skip_stats.clear()
 
     def stc_stats(self) -> dict[str, Any]:
-        """tau per head and last zero fraction of the k and v quantizers, and the decode skip fraction (empty if dense)."""
+        """Threshold kind, tau per head (None with per-vector thresholds or float values), last zero fractions of the
+        k and v quantizers, and the decode skip fraction (empty if dense)."""
         if self.k_quant is None:
             return {}
         v = self.v_quant
+        per_head = self.k_quant.threshold == "head"  # per-vector thresholds keep no tau
         return {
-            "tau_k": self.k_quant.tau.tolist(),
-            "tau_v": v.tau.tolist() if v is not None else None,
+            "threshold": self.k_quant.threshold,
+            "tau_k": self.k_quant.tau.tolist() if per_head else None,
+            "tau_v": v.tau.tolist() if v is not None and per_head else None,
             "zero_fraction_k": self.k_quant.last_zero_fraction,
             "zero_fraction_v": v.last_zero_fraction if v is not None else None,
             "skip_fraction": self.skip_fraction(),
