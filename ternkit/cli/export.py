@@ -11,6 +11,11 @@ from rich.table import Table
 from ternkit.cli.app import app, console, user_errors
 
 
+# fp32 dot products of a few hundred terms summed in another order (the packed kernels) differ by
+# about 1e-7 of the largest logit; measured 7e-7-9e-7 on the main job.
+_CHECK_BOUND = 2e-6
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
@@ -19,7 +24,8 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: <run dir>/export)."),
     fmt: str = typer.Option("base3", "--format", help="Trit packing: base3 (1.6 bits) or 2bit (SIMD-friendly)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
-    check: bool = typer.Option(False, "--check", help="Verify the export's logits equal the checkpoint's (<= 1e-5)."),
+    check: bool = typer.Option(False, "--check", help="Verify the export's logits equal the checkpoint's (max difference "
+                               "<= 2e-6 of the largest logit: fp32 rounding)."),
 ) -> None:
     """Export a checkpoint with packed ternary weights; --check verifies the rebuilt model's logits."""
     from ternkit.errors import TernkitError
@@ -51,6 +57,8 @@ def export_cmd(
         console.print(lt)
     if check:
         diff = check_export(ckpt, out_dir)
-        if diff > 1e-5:
-            raise TernkitError(f"export check failed: max |logit diff| {diff:.3g} > 1e-5; please report this with the checkpoint.")
-        console.print(f"check: max |logit diff| vs checkpoint = {diff:.2e} (<= 1e-5) [green]ok[/]")
+        if diff > _CHECK_BOUND:
+            raise TernkitError(f"export check failed: max |logit diff| {diff:.3g} of the largest logit > {_CHECK_BOUND:g}; "
+                               "please report this with the checkpoint.")
+        console.print(f"check: max |logit diff| vs checkpoint = {diff:.2e} of the largest logit "
+                      f"(<= {_CHECK_BOUND:g}) [green]ok[/]")

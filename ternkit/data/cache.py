@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from ternkit.errors import TernkitError
 from ternkit.tokenizer import ByteTokenizer, Tok, build_tokenizer, load_tokenizer, write_text_atomic
 
 from ternkit.data.sources import fingerprint, hash_int, text_source
+
+if TYPE_CHECKING:  # annotations only: the recipe schema imports nothing from here
+    from ternkit.recipe import DataConfig, TokenizerConfig
 
 __all__ = ["TokenData", "prepare_text_data", "split_documents"]
 
@@ -118,7 +121,7 @@ def _cached(directory: Path) -> dict[str, Any] | None:
     return meta
 
 
-def prepare_text_data(data_cfg: Any, tok_cfg: Any, cache_dir: str | os.PathLike[str]) -> TokenData:
+def prepare_text_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir: str | os.PathLike[str]) -> TokenData:
     """Read, split, tokenize and cache a text corpus; reuse the cache when nothing it depends on changed.
 
     The cache key covers the source (file paths, sizes, mtimes or Hub name), ``max_chars``,

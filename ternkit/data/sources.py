@@ -11,9 +11,12 @@ import sysconfig
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TYPE_CHECKING
 
 from ternkit.errors import TernkitError
+
+if TYPE_CHECKING:  # annotations only: the recipe schema imports nothing from here
+    from ternkit.recipe import DataConfig
 
 __all__ = ["TextSource", "expand_paths", "fingerprint", "hash_int", "stdlib_files", "text_source"]
 
@@ -80,7 +83,7 @@ class TextSource:
         return self._docs()
 
 
-def _stdlib_source(cfg: Any) -> TextSource:
+def _stdlib_source(cfg: DataConfig) -> TextSource:
     files = stdlib_files(cfg.max_files)
 
     def docs() -> Iterator[str]:
@@ -144,7 +147,7 @@ def _column(ds: Any, text_field: str, what: str) -> Iterator[str]:
             yield val
 
 
-def _files_source(cfg: Any, cache_dir: Path) -> TextSource:
+def _files_source(cfg: DataConfig, cache_dir: Path) -> TextSource:
     files = expand_paths(cfg.paths)
     if cfg.max_files:
         files = files[: cfg.max_files]
@@ -185,7 +188,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return result[0]
 
 
-def _hub_source(cfg: Any, cache_dir: Path) -> TextSource:
+def _hub_source(cfg: DataConfig, cache_dir: Path) -> TextSource:
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     hint = "download it on a connected machine and train on the files with data.source=files data.paths=[...]"
     if not offline and not _hub_reachable():
@@ -216,7 +219,7 @@ def _hub_source(cfg: Any, cache_dir: Path) -> TextSource:
     return TextSource(f"Hub dataset {cfg.hub_name}", fp, docs)
 
 
-def text_source(cfg: Any, cache_dir: str | os.PathLike[str]) -> TextSource:
+def text_source(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> TextSource:
     """The ``TextSource`` for a ``DataConfig`` whose source is stdlib, files or hub (checks paths now)."""
     cache = Path(cache_dir)
     if cfg.source == "stdlib":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from ternkit.data.cache import TokenData, prepare_text_data
 from ternkit.data.sampling import TokenDataset
 from ternkit.data.sources import fingerprint, hash_int
 from ternkit.tokenizer import Tok
+
+if TYPE_CHECKING:  # annotations only: the recipe schema imports nothing from here
+    from ternkit.recipe import MqarConfig, ParityConfig, Recipe
 
 __all__ = ["IGNORE_INDEX", "PARITY_VOCAB", "MqarTask", "ParityTask", "Task", "TextTask", "make_task", "mask_targets",
            "mqar_examples", "parity_examples"]
@@ -151,7 +154,7 @@ class ParityTask:
     tokenizer: Tok | None = None
     vocab_size = PARITY_VOCAB
 
-    def __init__(self, cfg: Any, seed: int) -> None:
+    def __init__(self, cfg: ParityConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.fingerprint = fingerprint({"source": "parity", "task": cfg.model_dump(mode="json")})
 
@@ -175,7 +178,7 @@ class MqarTask:
 
     tokenizer: Tok | None = None
 
-    def __init__(self, cfg: Any, seed: int) -> None:
+    def __init__(self, cfg: MqarConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.vocab_size = int(cfg.vocab_size)
         self.fingerprint = fingerprint({"source": "mqar", "task": cfg.model_dump(mode="json")})
@@ -196,7 +199,7 @@ class MqarTask:
         return TensorDataset(x, mask_targets(y, m))
 
 
-def make_task(recipe: Any, cache_dir: str | os.PathLike[str]) -> Task:
+def make_task(recipe: Recipe, cache_dir: str | os.PathLike[str]) -> Task:
     """The task of a recipe's ``data`` section (text data is tokenized and cached under ``cache_dir`` first)."""
     cfg = recipe.data
     if cfg.source == "parity":

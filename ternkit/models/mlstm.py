@@ -16,6 +16,12 @@ from ternkit.modules.stc import STCQuantizer
 
 __all__ = ["BlockDiagonalLinear", "CausalConv1d", "MLSTMLayer", "MLSTMState", "MultiHeadLayerNorm"]
 
+# Decoding keeps the stabilizer where the decay put it until an input gate exceeds it by this many
+# nats (see mlstm_recurrent_step): the decay factor is then exactly 1 on most steps and the sparse
+# write skips its pass over C; training uses the exact max (slack 0). exp(10) = 2.2e4 keeps every
+# input scale far inside fp32.
+DECODE_STABILIZER_SLACK = 10.0
+
 # Per-layer decoding state: the memory (C (B, NH, DH, DH), n (B, NH, DH), m (B, NH)) and the conv
 # buffer (B, conv_kernel - 1, inner) holding the last inputs of the q/k path. Its size does not grow with tokens.
 MLSTMState = dict[str, torch.Tensor]
@@ -274,11 +280,13 @@ class MLSTMLayer(nn.Module):
         q, k, v, i, f = self._qkv_gates(x_m.unsqueeze(1), x_c.unsqueeze(1))
         q, k, v, i, f = q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0]
         mem = (state["C"], state["n"], state["m"])
-        if self.k_quant is not None and self.sparse_decode and not torch.is_grad_enabled():
+        decoding = not torch.is_grad_enabled()
+        if self.k_quant is not None and self.sparse_decode and decoding:
             h, (c, n, m) = _sparse_step(q, k, v, i, f, mem, self.cfg.gate_mode, self.skip_stats)
         else:
             h, (c, n, m) = mlstm_ops.mlstm_recurrent_step(q, k, v, i, f, state=mem, gate_mode=self.cfg.gate_mode,
-                                                          inplace=not torch.is_grad_enabled())
+                                                          inplace=decoding,
+                                                          stabilizer_slack=DECODE_STABILIZER_SLACK if decoding else 0.0)
         y = self._output(h.unsqueeze(2), x_c.unsqueeze(1), z.unsqueeze(1))[:, 0]
         return y, {"C": c, "n": n, "m": m, "conv": conv_buf}
 
@@ -314,7 +322,8 @@ def _sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Ten
                  stats: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Recurrent step with the STC sparse write, accumulating its skip counts into ``stats``."""
     return mlstm_ops.mlstm_recurrent_step(q, k, v, i, f, state=mem, gate_mode=gate_mode,
-                                          sparse_write=True, stats=stats, inplace=True)
+                                          sparse_write=True, stats=stats, inplace=True,
+                                          stabilizer_slack=DECODE_STABILIZER_SLACK)
 
 
 def _skip_fraction(stats: dict[str, Any]) -> float:

@@ -15,7 +15,7 @@ their known pitfalls fixed:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ class MoEFFN(nn.Module):
     then token order; dropped slots contribute zero, so the token keeps only its residual (and
     its other experts).
     """
+
+    #: Float buffers the training loop keeps equal across DDP ranks (the bias update all-reduces the loads).
+    SYNCED_BUFFERS: ClassVar[tuple[str, ...]] = ("expert_bias",)
 
     def __init__(self, d_model: int, cfg: MoEConfig, spec: TernarySpec | None = _DEFAULT_SPEC,
                  hidden: int | None = None) -> None:

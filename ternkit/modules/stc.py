@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,6 +40,8 @@ class STCQuantizer(nn.Module):
 
     tau: torch.Tensor
     initialized: torch.Tensor
+    #: Float buffers the training loop keeps equal across DDP ranks (see :meth:`sync_`).
+    SYNCED_BUFFERS: ClassVar[tuple[str, ...]] = ("tau",)
 
     def __init__(self, num_heads: int, target_sparsity: float = 0.75, momentum: float = 0.9,
                  init_tau: float = 0.0, threshold: str = "head") -> None:

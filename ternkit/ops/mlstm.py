@@ -135,6 +135,7 @@ def mlstm_recurrent_step(
     sparse_write: bool = False,
     stats: dict[str, int] | None = None,
     inplace: bool = False,
+    stabilizer_slack: float = 0.0,
 ) -> tuple[torch.Tensor, State]:
     """One mLSTM step: q, k, v (B, NH, DH), gates i, f (B, NH) -> h (B, NH, DH), state (C, n, m).
 
@@ -151,6 +152,12 @@ def mlstm_recurrent_step(
     ``stats`` dict is given, the write's counters ("total", "written", "decayed") are added to
     it, so one dict can accumulate over steps and layers; pass it to
     :func:`ternkit.ops.stc_write.skip_fraction`.
+
+    ``stabilizer_slack`` > 0 (decoding) keeps the decayed stabilizer m_{t-1} + log f_t unless the
+    input gate exceeds it by more than that many nats, instead of raising m to i~ at every such
+    step. The function is the same (h does not depend on where m sits: C, n and exp(-m) scale
+    together, up to the eps term, which only shrinks), but the decay factor f' is then exactly 1
+    on most steps, so the sparse write skips its decay pass; i' stays below exp(slack).
     """
     _check_gate_mode(gate_mode)
     _check_qkv(q, k, v, i, f, 3, "recurrent step")
@@ -164,9 +171,14 @@ def mlstm_recurrent_step(
     C, n, m = _zero_state(q) if state is None else _upcast(*state)
     k = k * (q.shape[-1] ** -0.5)
 
+    def stabilize(m_decayed: torch.Tensor) -> torch.Tensor:
+        if stabilizer_slack <= 0:
+            return torch.maximum(m_decayed, i)
+        return torch.where(i > m_decayed + stabilizer_slack, i, m_decayed)
+
     if gate_mode == "sigmoid":
         log_f = F.logsigmoid(f)
-        m_new = torch.maximum(log_f + m, i)
+        m_new = stabilize(log_f + m)
         f_scale = torch.exp(log_f + m - m_new)
     else:
         # Sign g in {-1, 0, +1}, magnitude log a; "ternary" is log a = 0, and skips the addition
@@ -177,7 +189,7 @@ def mlstm_recurrent_step(
             g, log_a = ternary_decay_gate(f)
             m_decayed = log_a + m
         cleared = g.detach() == 0
-        m_new = torch.where(cleared, i, torch.maximum(m_decayed, i))
+        m_new = torch.where(cleared, i, stabilize(m_decayed))
         f_scale = g * torch.exp((m_decayed - m_new).clamp(max=_MAX_CLEARED_EXP))
     i_scale = torch.exp(i - m_new)
 

@@ -92,15 +92,17 @@ class TelemetryCallback(L.Callback):
 
 
 def replica_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state that ternkit itself keeps in sync across DDP ranks: every integer buffer, STC thresholds, MoE biases.
+    """The state that ternkit itself keeps in sync across DDP ranks: every integer buffer, and the float buffers a
+    module declares in its ``SYNCED_BUFFERS`` (STC thresholds, MoE balancing biases).
 
     Float parameters are left out: DDP's gradient all-reduce keeps those equal, not ternkit's code.
     """
     out: dict[str, torch.Tensor] = {}
-    for name, buf in model.named_buffers():
-        leaf = name.rsplit(".", 1)[-1]
-        if not torch.is_floating_point(buf) or leaf in ("tau", "expert_bias"):
-            out[name] = buf
+    for prefix, mod in model.named_modules():
+        synced = getattr(type(mod), "SYNCED_BUFFERS", ())  # float buffers the module keeps equal across ranks
+        for leaf, buf in mod.named_buffers(recurse=False):
+            if buf is not None and (not torch.is_floating_point(buf) or leaf in synced):
+                out[f"{prefix}.{leaf}" if prefix else leaf] = buf
     return out
 
 

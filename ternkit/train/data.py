@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from ternkit.data import StepBatches, Task, make_task, prepare_text_data
 from ternkit.errors import TernkitError
 from ternkit.tokenizer import Tok
+
+if TYPE_CHECKING:  # annotations only: the recipe schema imports nothing from here
+    from ternkit.recipe import Recipe
 
 __all__ = ["TernkitDataModule"]
 
@@ -40,7 +43,7 @@ class TernkitDataModule(_DMBase):  # type: ignore[misc, valid-type]
     reads its own disjoint slice of every global batch. Batches are ``(x, y)``, each (B, T) int64.
     """
 
-    def __init__(self, recipe: Any, run_dir: str | os.PathLike[str], start_step: int | None = None) -> None:
+    def __init__(self, recipe: Recipe, run_dir: str | os.PathLike[str], start_step: int | None = None) -> None:
         super().__init__()
         self.recipe = recipe
         self.run_dir = Path(run_dir)
