@@ -105,8 +105,9 @@ class MLSTMLayer(nn.Module):
 
     x -> up-projection to (x_m, z), each ``inner`` wide; q, k = blockdiag(SiLU(causalconv(x_m)));
     v = blockdiag(x_m); input/forget gate pre-activations = Linear(cat(q, k, v)) per head; with
-    ``memory_backend="stc_sparse"`` k and v are quantized per head (STCQuantizer) before the
-    memory op, so every form (parallel, chunkwise, recurrent step) sees the same k and v.
+    ``memory_backend="stc_sparse"`` k (and v, with ``stc_quantize="kv"``) are quantized
+    (STCQuantizer: one threshold per head or per vector, ``stc_threshold``) before the memory op,
+    so every form (parallel, chunkwise, recurrent step) sees the same k and v.
     h = mLSTM(q, k, v, i, f) -> per-head layer norm -> + skip * SiLU(conv) -> * SiLU(z) -> down-projection.
 
     Ternary choice for "qkv": the float layer uses block-diagonal 4x4 blocks (xLSTM); a ternary
