@@ -308,6 +308,14 @@ def _check_unknown_keys(raw: dict[str, Any], cls: type[BaseModel], source: str, 
             _check_unknown_keys(value, sub, source, f"{prefix}{key}.")
 
 
+def _spec_or_raw(d: Any) -> Any:
+    """The validated TernarySpec dump of ``d`` (defaults filled), or ``d`` itself when it is not a valid one."""
+    try:
+        return TernarySpec.model_validate(d).model_dump()
+    except ValidationError:
+        return d
+
+
 def _move_legacy_quant(raw: dict[str, Any], source: str) -> None:
     """Move a top-level ``quant:`` section into ``model.quant`` in place (one place for the setting)."""
     if _LEGACY_QUANT not in raw:
@@ -318,8 +326,9 @@ def _move_legacy_quant(raw: dict[str, Any], source: str) -> None:
         model = raw["model"] = {}
     if not isinstance(model, dict):
         return  # validation names the bad model section
-    if model.get("quant") not in (None, {}) and quant not in (None, {}) and model.get("quant") != quant:
-        raise TernkitError(f"{source}: both 'quant' and 'model.quant' are set; keep one (model.quant is the place).")
+    if model.get("quant") not in (None, {}) and quant not in (None, {}) and _spec_or_raw(model["quant"]) != _spec_or_raw(quant):
+        raise TernkitError(f"{source}: both 'quant' and 'model.quant' are set, differently; keep one (model.quant is "
+                           "the place).")
     if quant is not None and not model.get("quant"):
         model["quant"] = quant
 

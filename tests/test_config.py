@@ -76,6 +76,8 @@ def test_legacy_top_level_quant_lands_in_model_quant() -> None:
     assert "quant" not in r.to_dict() and r.to_dict()["model"]["quant"]["group_size"] == 16
     with pytest.raises(TernkitError, match="keep one"):
         recipe_from_dict({"quant": {"scale": "group"}, "model": {"quant": {"scale": "lsq"}}})
+    same = recipe_from_dict({"quant": {"scale": "group"}, "model": {"quant": {"scale": "group", "group_size": 32}}})
+    assert same.model.quant.scale == "group"  # the same setting written twice is no conflict
     with pytest.raises(TernkitError, match="did you mean 'model.quant.scale'"):
         recipe_from_dict({"trainer": {"scale": "group"}})
 
@@ -95,6 +97,16 @@ def test_migrate_model_config_maps_the_old_flat_keys() -> None:
     mixed = dict(old, ffn=["moe", "dense"], n_blocks=2)
     with pytest.raises(TernkitError, match="cannot express"):
         migrate_model_config(mixed)
+    # An old moe dict stored only what the user set: the old expert width default (256) comes back,
+    # float experts stay float, and expert settings the model-level quant cannot hold are refused.
+    base = {"vocab_size": 32, "d_model": 32, "n_heads": 2, "ffn": "moe"}
+    assert ModelConfig.from_dict({**base, "moe": {}, "ternary": ["up"]}).moe.hidden == 256
+    assert ModelConfig.from_dict({**base, "moe": {"ternary": False}, "ternary": ["up", "ffn"]}).ternary == ("up",)
+    with pytest.raises(TernkitError, match="cannot express"):
+        ModelConfig.from_dict({**base, "moe": {"ternary_scale": "per_row"}, "ternary": ["up"]})
+    from ternkit.models.lm import XLSTMLM
+
+    assert "experts=absmean" in repr(XLSTMLM(ModelConfig.from_dict({**base, "moe": {}, "ternary": ["up"]})))
 
 
 @pytest.mark.parametrize("name", ["mlstm_stc", "moe"])

@@ -169,6 +169,10 @@ class ModelConfig(Section):
         if inner % self.qkv_blocksize:
             raise ValueError(f"model inner width {inner} does not divide by model.qkv_blocksize ({self.qkv_blocksize}); "
                              "change qkv_blocksize or proj_factor")
+        if (self.memory_backend == "stc_sparse" and self.stc_threshold == "vector"
+                and round(self.target_sparsity * self.head_dim) >= self.head_dim):
+            raise ValueError(f"model.target_sparsity {self.target_sparsity} zeroes all {self.head_dim} entries of every "
+                             "key with per-vector thresholds; lower it or widen the heads")
         if self.tie_embeddings and isinstance(self.ternary_projections, list) and "head" in self.ternary_projections:
             raise ValueError("a tied LM head cannot be ternary; drop 'head' from model.ternary_projections or set "
                              "model.tie_embeddings false")
@@ -243,7 +247,6 @@ XLSTMLMConfig = ModelConfig
 # Fields of the format before the config was unified, with that format's defaults where today's differ.
 _OLD_DEFAULTS = {"n_blocks": 2, "context_length": 256, "tie_embeddings": False}
 _OLD_TERNARY_KEYS = ("ternary", "ternary_scale", "ternary_group_size", "act_bits")
-_OLD_MOE_TERNARY_KEYS = ("ternary", "ternary_scale", "ternary_group_size", "act_bits")
 
 
 def migrate_model_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -274,15 +277,19 @@ def migrate_model_config(d: dict[str, Any]) -> dict[str, Any]:
     kinds = list(kinds) if isinstance(kinds, (list, tuple)) else [kinds]
     if isinstance(moe, dict):
         moe = dict(moe)
+        moe.setdefault("hidden", 256)  # the old MoE dataclass's default, not today's ffn_factor-derived width
         experts_ternary = bool(moe.pop("ternary", True))
-        for key in _OLD_MOE_TERNARY_KEYS[1:]:
-            moe.pop(key, None)
-        if "moe" in kinds and experts_ternary != ("ffn" in ternary):
-            if "dense" in kinds:
-                raise TernkitError("this model config's MoE experts and dense FFNs differ in being ternary, which the "
-                                   "current format cannot express; retrain it with ternkit's current recipe format.")
-            if experts_ternary:
-                ternary.append("ffn")
+        expert_quant = {"scale": moe.pop("ternary_scale", "absmean"), "group_size": moe.pop("ternary_group_size", 32),
+                        "act_bits": moe.pop("act_bits", None)}
+        if "moe" in kinds:
+            cannot = ("this model config's MoE experts and {} differ in how they are ternary, which the current format "
+                      "cannot express (one quant setting for the model); retrain it with ternkit's current recipe format.")
+            if experts_ternary != ("ffn" in ternary):
+                if "dense" in kinds:  # "ffn" also decides the dense FFNs
+                    raise TernkitError(cannot.format("dense FFNs"))
+                ternary = ternary + ["ffn"] if experts_ternary else [p for p in ternary if p != "ffn"]
+            if experts_ternary and expert_quant != quant:
+                raise TernkitError(cannot.format("the other ternary layers"))
         out["moe"] = moe
     out["ternary_projections"] = ternary
     out["quant"] = quant

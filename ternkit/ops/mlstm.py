@@ -155,9 +155,11 @@ def mlstm_recurrent_step(
 
     ``stabilizer_slack`` > 0 (decoding) keeps the decayed stabilizer m_{t-1} + log f_t unless the
     input gate exceeds it by more than that many nats, instead of raising m to i~ at every such
-    step. The function is the same (h does not depend on where m sits: C, n and exp(-m) scale
-    together, up to the eps term, which only shrinks), but the decay factor f' is then exactly 1
-    on most steps, so the sparse write skips its decay pass; i' stays below exp(slack).
+    step. The decay factor f' is then exactly 1 on most steps, so the sparse write skips its decay
+    pass; i' stays below exp(slack). h does not depend on where m sits (C, n and exp(-m) scale
+    together) except through the readout's eps, which acts as eps * exp(m) in true units: with a
+    lower m the eps term only shrinks, so decoded h can differ from the exact-stabilizer h by up to
+    about eps * exp(m) / max(|n.q|, 1) relative (1e-3 at m ~ 7 where |n.q| is below the floor).
     """
     _check_gate_mode(gate_mode)
     _check_qkv(q, k, v, i, f, 3, "recurrent step")

@@ -59,7 +59,9 @@ def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """
     if not torch.is_tensor(tau):
         tau = torch.tensor(float(tau), dtype=x.dtype, device=x.device)
-    tau = tau.to(dtype=x.dtype, device=x.device)
+    # A threshold finer than x (a float32 per-vector tau for bf16 keys) keeps its precision: the
+    # comparison promotes x instead of rounding tau onto one of x's values.
+    tau = tau.to(device=x.device) if torch.finfo(tau.dtype).bits >= torch.finfo(x.dtype).bits else tau.to(x.dtype)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _stc_forward(x, tau)  # decoding: the same numbers without the autograd.Function's overhead
     return _STCQuantize.apply(x, tau)
@@ -67,7 +69,7 @@ def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
 
 @torch.no_grad()
 def vector_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per-vector threshold (..., 1) for x (..., DH): zeroes the ``round(sparsity * DH)`` smallest |x| of each vector.
+    """Per-vector threshold (..., 1) float32 for x (..., DH): zeroes the ``round(sparsity * DH)`` smallest |x| of each vector.
 
     The threshold sits halfway between the two neighbouring order statistics of |x|, never on a
     data value, so that a 1-ulp difference between the parallel and the step-by-step forms does
@@ -76,7 +78,7 @@ def vector_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     d = x.shape[-1]
     k = int(round(sparsity * d))
-    a = x.detach().abs()
+    a = x.detach().abs().float()  # in 16 bits the midpoint rounds onto a neighbour and ties get zeroed
     if k <= 0:
         return torch.full_like(a[..., :1], -1.0)
     if k >= d:

@@ -119,6 +119,7 @@ class TernkitLM(L.LightningModule):
         self.divergence = DivergenceMonitor(div.get("factor", 2.0), int(div.get("patience", 50)),
                                             warmup=max(1, self.sched_cfg.warmup_steps))
         self.divergence_stop = bool(div.get("stop", True))
+        self._div_window: list[torch.Tensor] = []  # losses of the micro-batches of the current optimizer step
 
         self.model = XLSTMLM(cfg)
         self._t_last: float | None = None
@@ -147,7 +148,7 @@ class TernkitLM(L.LightningModule):
             self.log("tok/s", ntok * self.trainer.world_size / dt, prog_bar=True, on_step=True, logger=False)
         self._t_last = now
         self.last_train_loss = float(ce.detach())
-        diverged = self.divergence.update(self.last_train_loss, self.global_step)
+        diverged = self._watch_divergence(ce.detach(), batch_idx)
         self.log("train/loss", ce, prog_bar=True, on_step=True)
         self.log("train/spike", self.divergence.ratio, prog_bar=True, on_step=True)
         if diverged and self.divergence_stop:
@@ -174,6 +175,18 @@ class TernkitLM(L.LightningModule):
             fix = "then train again"
         return (f"the training loss became {value} at step {self.global_step}, so the run stopped and {kept}: "
                 f"lower optimizer.lr or set trainer.grad_clip, {fix}.")
+
+    def _watch_divergence(self, ce: torch.Tensor, batch_idx: int) -> bool:
+        """Feed the monitor once per optimizer step: the window's mean loss, averaged over ranks so all decide alike."""
+        self._div_window.append(ce)
+        accum = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        if (batch_idx + 1) % accum:
+            return False
+        loss = torch.stack(self._div_window).mean()
+        self._div_window = []
+        if self.trainer.world_size > 1:
+            loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
+        return self.divergence.update(float(loss), self.global_step)
 
     def _divergence_message(self) -> str:
         """One sentence: how far the loss rose, since when, which checkpoints survive, what to do."""
