@@ -50,14 +50,15 @@ def find_tokenizer(ckpt_path: Path, run_info: dict[str, Any]) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def check_tokenizer_fits(tok_path: Path, vocab_size: int, what: str) -> None:
-    """Raise TernkitError when the tokenizer at ``tok_path`` has ids the model (``vocab_size`` rows) cannot embed."""
+def check_tokenizer_fits(tok_path: Path, vocab_size: int, what: str) -> Any:
+    """The tokenizer at ``tok_path``; TernkitError when it has ids the model (``vocab_size`` rows) cannot embed."""
     from ternkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
     if int(tok.vocab_size) > int(vocab_size):
         raise TernkitError(f"{tok_path} has {tok.vocab_size} tokens but {what} has a vocabulary of {vocab_size}; "
                            "put the tokenizer.json the model was trained with beside the checkpoint.")
+    return tok
 
 
 def _trits_and_alpha(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

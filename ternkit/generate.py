@@ -22,7 +22,6 @@ def load_for_generation(source: str | Path, packed: bool = True) -> tuple[nn.Mod
     compiled ops, as an export does; ``packed=False`` keeps the float training layers.
     """
     from ternkit.export import check_tokenizer_fits, find_tokenizer, load_model, pack_model
-    from ternkit.tokenizer import load_tokenizer
 
     source = Path(source)
     model, info = load_model(source)
@@ -30,10 +29,10 @@ def load_for_generation(source: str | Path, packed: bool = True) -> tuple[nn.Mod
     if tok_path is None or not tok_path.exists():
         raise TernkitError(f"no tokenizer.json found for {source} (synthetic-task models have none); generate needs a "
                            "text model trained with a tokenizer.")
-    check_tokenizer_fits(tok_path, model.config.vocab_size, f"the model in {source}")
+    tok = check_tokenizer_fits(tok_path, model.config.vocab_size, f"the model in {source}")
     if info["kind"] == "checkpoint" and packed:
         pack_model(model, "2bit")
-    return model, load_tokenizer(tok_path)
+    return model, tok
 
 
 def stream_text(model: Any, decode: Callable[[list[int]], str], ids: list[int], max_new_tokens: int,
