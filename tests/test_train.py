@@ -191,18 +191,23 @@ def test_integer_state_updates_once_per_optimizer_step(cli, monkeypatch: pytest.
     assert moved  # the accumulators really moved
 
 
-def test_nan_loss_stops_with_one_sentence_and_keeps_good_checkpoint(cli, monkeypatch: pytest.MonkeyPatch,
-                                                                     tmp_path: Path, token_cache: Path) -> None:
+def _scale_loss_from(monkeypatch: pytest.MonkeyPatch, step: int, factor: float) -> None:
+    """Multiply the training loss by ``factor`` from optimizer step ``step`` on (nan poisons it, 10 makes it spike)."""
     from ternkit.train.module import TernkitLM
 
-    monkeypatch.chdir(tmp_path)
     orig = TernkitLM._losses
 
-    def poisoned(self, batch):  # type: ignore[no-untyped-def]
+    def scaled(self, batch):  # type: ignore[no-untyped-def]
         ce, aux, ntok = orig(self, batch)
-        return (ce * float("nan"), aux, ntok) if self.global_step >= 3 else (ce, aux, ntok)
+        return (ce * factor, aux, ntok) if self.global_step >= step else (ce, aux, ntok)
 
-    monkeypatch.setattr(TernkitLM, "_losses", poisoned)
+    monkeypatch.setattr(TernkitLM, "_losses", scaled)
+
+
+def test_nan_loss_stops_with_one_sentence_and_keeps_good_checkpoint(cli, monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path, token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    _scale_loss_from(monkeypatch, 3, float("nan"))
     res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 8)
               + sets("name=nan", "checkpoint.every_steps=1"))
     msg = assert_one_sentence_error(res)
@@ -236,16 +241,8 @@ def test_divergence_monitor_counts_spikes_against_the_best_running_level() -> No
 
 def test_divergence_stops_with_one_sentence_and_logs_the_spike(cli, monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path, token_cache: Path) -> None:
-    from ternkit.train.module import TernkitLM
-
     monkeypatch.chdir(tmp_path)
-    orig = TernkitLM._losses
-
-    def rising(self, batch):  # type: ignore[no-untyped-def]
-        ce, aux, ntok = orig(self, batch)
-        return (ce * 10.0, aux, ntok) if self.global_step >= 6 else (ce, aux, ntok)
-
-    monkeypatch.setattr(TernkitLM, "_losses", rising)
+    _scale_loss_from(monkeypatch, 6, 10.0)
     res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 12)
               + sets("name=div", "checkpoint.every_steps=2", "trainer.divergence_patience=3"))
     msg = assert_one_sentence_error(res)
