@@ -655,6 +655,7 @@ def bench_quality(steps: int = 300, seeds: tuple[int, ...] | list[int] = (1234,)
     from pathlib import Path
 
     from ternkit.data import prepare_text_data
+    from ternkit.train.module import DivergenceError, NonFiniteLossError
     from ternkit.train.run import train
 
     seeds = [int(s) for s in seeds]
@@ -698,15 +699,20 @@ def bench_quality(steps: int = 300, seeds: tuple[int, ...] | list[int] = (1234,)
                     on_run({**event, "done": False})
                 recipe = placed(recipes[seed][key], f"{key}-seed{seed}")
                 t0 = time.perf_counter()
-                res = train(recipe, progress=False)
+                stopped = None
+                try:
+                    res = train(recipe, progress=False)
+                    val, final, steps = (float("nan") if res.val_loss is None else float(res.val_loss),
+                                         float(res.train_loss), res.steps)
+                except (DivergenceError, NonFiniteLossError) as err:
+                    # The training guard stopped this run: a diverged variant is a result, not a failed benchmark.
+                    stopped, val, final, steps = str(err), float("nan"), float("nan"), None
                 seconds = time.perf_counter() - t0
-                val = float("nan") if res.val_loss is None else float(res.val_loss)
-                final = float(res.train_loss)
                 logged = [v for v in _train_losses(recipe.run_dir) + [final] if math.isfinite(v)]
                 low = min(logged) if logged else float("nan")
                 diverged = quality_diverged(val, final, logged)
                 run = {"seed": seed, "val_loss": val, "train_loss": final, "min_train_loss": low,
-                       "seconds": seconds, "diverged": bool(diverged), "steps": res.steps}
+                       "seconds": seconds, "diverged": bool(diverged), "steps": steps, "stopped": stopped}
                 per[key].append(run)
                 if on_run is not None:
                     on_run({**event, **run, "done": True})

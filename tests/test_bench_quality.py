@@ -103,3 +103,22 @@ def test_cli_bench_quality_table_json_and_bad_variant(tmp_path: Path, keep_threa
     assert bad.exit_code == 2
     assert "unknown variant 'stcc'; the variants are:" in _flat(bad.output) and "flagship" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_bench_quality_records_a_run_the_guard_stopped_and_goes_on(tmp_path: Path, monkeypatch) -> None:
+    import ternkit.train.run as run_mod
+    from ternkit.train.module import DivergenceError
+
+    real = run_mod.train
+
+    def train(recipe, **kw):  # type: ignore[no-untyped-def]
+        if recipe.model.memory_backend == "stc_sparse":
+            raise DivergenceError("the training loss diverged: test")
+        return real(recipe, **kw)
+
+    monkeypatch.setattr(run_mod, "train", train)
+    rep = bench_quality(steps=2, variants=["stc", "tgate"], sets=TINY, work_dir=tmp_path)
+    by_key = {v["key"]: v for v in rep["variants"]}
+    assert by_key["stc"]["diverged"] is True and "diverged" in by_key["stc"]["runs"][0]["stopped"]
+    assert math.isnan(by_key["stc"]["val_loss"])
+    assert by_key["tgate"]["diverged"] is False and math.isfinite(by_key["tgate"]["val_loss"])  # the next one ran
