@@ -49,7 +49,6 @@ __all__ = [
     "resolve_recipe",
 ]
 
-_Section = Section
 #: The pre-unification place of the ternary-layer settings; a recipe's top-level ``quant:`` still
 #: works and lands in ``model.quant``, the one place the setting lives.
 _LEGACY_QUANT = "quant"
@@ -58,7 +57,7 @@ _LEGACY_QUANT = "quant"
 # ------------------------------------------------------------------------------------------ data
 
 
-class ParityConfig(_Section):
+class ParityConfig(Section):
     """Parity of a bit string: train on lengths ``train_len_min..train_len_max``, evaluate at ``eval_len``."""
 
     train_len_min: int = Field(1, ge=1)
@@ -73,7 +72,7 @@ class ParityConfig(_Section):
         return self
 
 
-class MqarConfig(_Section):
+class MqarConfig(Section):
     """Multi-query associative recall (Zoology-style): key-value pairs, then some keys queried again."""
 
     vocab_size: int = Field(256, ge=8, description="keys use ids [1, vocab/2), values [vocab/2, vocab); 0 is filler")
@@ -94,7 +93,7 @@ class MqarConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the training text comes from, how it is split and cached; or a synthetic task."""
 
     source: Literal["stdlib", "files", "hub", "parity", "mqar"] = "stdlib"
@@ -124,7 +123,7 @@ class DataConfig(_Section):
         return self.source in ("parity", "mqar")
 
 
-class TokenizerConfig(_Section):
+class TokenizerConfig(Section):
     """Byte-level (256 ids, nothing to train), a byte-level BPE trained on the training split, or a tokenizer.json."""
 
     kind: Literal["byte", "bpe", "file"] = "byte"
@@ -142,7 +141,7 @@ class TokenizerConfig(_Section):
 # ------------------------------------------------------------------------------ optimisation etc.
 
 
-class OptimizerConfig(_Section):
+class OptimizerConfig(Section):
     """Optimizer; ``two_stage`` is BitNet b1.58's schedule (LR drops and weight decay goes to 0 at ``two_stage_at``)."""
 
     name: Literal["adamw", "muon"] = "adamw"
@@ -155,7 +154,7 @@ class OptimizerConfig(_Section):
     two_stage_at: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of max_steps where stage two starts")
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     """Learning-rate schedule: linear warm-up, then cosine/linear decay to ``min_lr_ratio * lr`` or constant."""
 
     warmup_steps: int = Field(100, ge=0)
@@ -163,7 +162,7 @@ class ScheduleConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     """Lightning Trainer settings. ``batch_size`` is per device; steps are optimizer steps."""
 
     max_steps: int = Field(1000, ge=1)
@@ -197,7 +196,7 @@ class TrainerConfig(_Section):
 QuantConfig = TernarySpec
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """Where metrics go: a CSV log always, TensorBoard when installed (``"auto"``) or on demand."""
 
     csv: bool = True
@@ -205,7 +204,7 @@ class LoggingConfig(_Section):
     telemetry_every: int = Field(50, ge=1, description="trit/dead-zone telemetry every N steps")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Checkpoints: ``dir`` None -> runs/<name>; ``every_steps`` 0 -> only at validation and the end."""
 
     dir: str | None = None
@@ -213,7 +212,7 @@ class CheckpointConfig(_Section):
     keep_best: bool = True
 
 
-class Recipe(_Section):
+class Recipe(Section):
     """A complete, validated training recipe."""
 
     name: str = "run"

@@ -1,9 +1,9 @@
 """Typed settings: the pydantic base every config section uses, and pydantic errors turned into one sentence.
 
 Both the recipe (``ternkit.recipe``) and the model configuration (``ternkit.models.config``) are
-built from :class:`Section`: unknown keys are errors, assignments are re-validated, and a direct
-construction such as ``ModelConfig(n_heads=3)`` fails with a :class:`~ternkit.errors.TernkitError`
-sentence naming the key instead of a pydantic traceback.
+built from :class:`Section`: unknown keys are errors, assignments are re-validated, and
+``Section.from_dict`` (``ModelConfig.from_dict({"n_heads": 3, ...})``) fails with one
+:class:`~ternkit.errors.TernkitError` sentence naming the key instead of a pydantic traceback.
 """
 
 from __future__ import annotations

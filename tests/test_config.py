@@ -106,7 +106,7 @@ def test_migrate_model_config_maps_the_old_flat_keys() -> None:
         ModelConfig.from_dict({**base, "moe": {"ternary_scale": "per_row"}, "ternary": ["up"]})
     from ternkit.models.lm import XLSTMLM
 
-    assert "experts=absmean" in repr(XLSTMLM(ModelConfig.from_dict({**base, "moe": {}, "ternary": ["up"]})))
+    assert "spec=absmean" in repr(XLSTMLM(ModelConfig.from_dict({**base, "moe": {}, "ternary": ["up"]})))
 
 
 @pytest.mark.parametrize("name", ["mlstm_stc", "moe"])

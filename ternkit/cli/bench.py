@@ -277,11 +277,10 @@ def bench_quality_cmd(
 ) -> None:
     """Val loss of ternary variants of the main job's model vs its float twin (same data, seed, steps); the goal:
     the flagship within 1.03x of the float twin."""
-    from ternkit.bench import QUALITY_GOAL, bench_quality, quality_recipes
+    from ternkit.bench import QUALITY_GOAL, bench_quality
 
     _setup(threads, 1)
     seed_list = _seeds(seeds)
-    quality_recipes(steps, variants, sets or [])  # a bad --variant or --set fails before anything trains
     status = console.status("preparing data and warming up", spinner="dots")
 
     def on_run(ev: dict) -> None:

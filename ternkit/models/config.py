@@ -22,11 +22,9 @@ from ternkit.schema import Section
 __all__ = [
     "FFN_KINDS",
     "GATE_MODES",
-    "LAYER_PROJECTIONS",
     "MEMORY_BACKENDS",
     "NORMS",
     "PROJECTIONS",
-    "TERNARY_PROJECTIONS",
     "ModelConfig",
     "MoEConfig",
     "XLSTMLMConfig",
@@ -43,11 +41,11 @@ GateMode = Literal[GATE_MODES]  # type: ignore[valid-type]  # the modes the mLST
 #: Weight groups that may be ternary: "up", "qkv", "down" of the mLSTM layer, "ffn" (the SwiGLU of
 #: every FFN block, MoE experts included; an FFN of kind "ternary" is ternary anyway), "head".
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
-TERNARY_PROJECTIONS = PROJECTIONS
-LAYER_PROJECTIONS: tuple[str, ...] = ("up", "qkv", "down")
 FFN_KINDS: tuple[str, ...] = get_args(FfnKind)
 MEMORY_BACKENDS: tuple[str, ...] = get_args(MemoryBackend)
 NORMS: tuple[str, ...] = get_args(Norm)
+#: Default FFN hidden width over d_model (SwiGLU's 8/3); MoE experts without a width share it out over top_k.
+FFN_FACTOR = 2.667
 
 
 class MoEConfig(Section):
@@ -90,7 +88,7 @@ class MoEConfig(Section):
             raise ValueError(f"model.moe.top_k ({self.top_k}) must not exceed model.moe.experts ({self.experts})")
         return self
 
-    def hidden_for(self, d_model: int, ffn_factor: float = 2.667) -> int:
+    def hidden_for(self, d_model: int, ffn_factor: float = FFN_FACTOR) -> int:
         """Expert hidden width: ``hidden``, or ``ffn_factor * d_model / top_k`` (same compute as one dense FFN)."""
         return self.hidden if self.hidden is not None else max(1, int(round(ffn_factor * d_model / self.top_k)))
 
@@ -133,7 +131,7 @@ class ModelConfig(Section):
     ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])
     quant: TernarySpec = Field(default_factory=TernarySpec, description="how ternary layers are scaled and fed")
     ffn: FfnKind | list[FfnKind] = Field("none", description="one kind for every block, or one per block")
-    ffn_factor: float = Field(2.667, gt=0.0)
+    ffn_factor: float = Field(FFN_FACTOR, gt=0.0)
     moe: MoEConfig = Field(default_factory=MoEConfig)
     norm: Norm = "layernorm"
     norm_eps: float = Field(1e-5, gt=0.0)

@@ -13,7 +13,6 @@ from ternkit.models.config import ModelConfig
 from ternkit.models.ffn import SwiGLU, has_latent_weight, small_init_
 from ternkit.models.mlstm import MLSTMLayer, MLSTMState
 from ternkit.modules.linear import make_linear
-from ternkit.quant.spec import TernarySpec
 
 __all__ = ["SwiGLU", "XLSTMBlock", "XLSTMLM", "LMState"]
 

@@ -289,7 +289,7 @@ class MoEFFN(nn.Module):
         c = self.cfg
         tern = "float" if self.spec is None else f"{self.spec.scale}, act_bits={self.spec.act_bits}"
         return (f"d_model={self.d_model}, experts={c.experts}, top_k={c.top_k}, hidden={self.hidden}, "
-                f"balancing={c.balancing}, capacity_factor={c.capacity_factor}, experts={tern}")
+                f"balancing={c.balancing}, capacity_factor={c.capacity_factor}, spec={tern}")
 
 
 def moe_modules(model: nn.Module) -> list[tuple[str, MoEFFN]]:

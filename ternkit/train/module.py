@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ternkit import __version__
 from ternkit.errors import TernkitError
 from ternkit.models.config import ModelConfig
-from ternkit.recipe import OptimizerConfig, ScheduleConfig
+from ternkit.recipe import OptimizerConfig, ScheduleConfig, TrainerConfig
 from ternkit.train.optim import build_optimizer, lr_factor, weight_decay_factor
 
 __all__ = ["TernkitLM", "NonFiniteLossError", "DivergenceError", "DivergenceMonitor", "masked_cross_entropy"]
@@ -51,7 +51,7 @@ class DivergenceMonitor:
     the first noisy steps set no standard. The state travels in checkpoints so a resumed run decides the same.
     """
 
-    def __init__(self, factor: float | None = 2.0, patience: int = 50, decay: float = 0.95, warmup: int = 20) -> None:
+    def __init__(self, factor: float | None, patience: int, decay: float = 0.95, warmup: int = 20) -> None:
         self.factor, self.patience, self.decay, self.warmup = factor, patience, decay, warmup
         self.ema = 0.0
         self.count = 0
@@ -114,11 +114,12 @@ class TernkitLM(L.LightningModule):
         self.save_hyperparameters()
         from ternkit.models.lm import XLSTMLM
 
-        div = divergence or {}
+        # The trainer section's divergence_* settings; what is not given takes the recipe's default.
+        t = TrainerConfig(**{f"divergence_{k}": v for k, v in (divergence or {}).items()})
         # The best running level counts from the end of the LR warm-up, when the loss starts to mean something.
-        self.divergence = DivergenceMonitor(div.get("factor", 2.0), int(div.get("patience", 50)),
+        self.divergence = DivergenceMonitor(t.divergence_factor, t.divergence_patience,
                                             warmup=max(1, self.sched_cfg.warmup_steps))
-        self.divergence_stop = bool(div.get("stop", True))
+        self.divergence_stop = t.divergence_stop
         self._div_window: list[torch.Tensor] = []  # losses of the micro-batches of the current optimizer step
 
         self.model = XLSTMLM(cfg)
