@@ -21,13 +21,14 @@ from ternkit.errors import TernkitError
 
 __all__ = ["interleaved", "interleaved_per_call", "machine_info", "bench_moe_vs_dense", "bench_kernels", "bench_stc",
            "bench_generate", "bench_quality", "quality_recipes", "quality_diverged", "stc_like", "KERNEL_GOALS",
-           "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
+           "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "STEP_GOAL", "TWIN_MODEL", "bench_train_step", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
 
 #: Speed goals of the compiled ops: candidate speed-up over the fp32 torch baseline in the same run.
 KERNEL_GOALS: dict[int, float] = {1: 8.0, 8: 2.0}  # batch -> ternary_linear vs F.linear
 STC_WRITE_GOAL: tuple[float, float] = (0.10, 10.0)  # (density, write-alone speed-up over the dense update)
 GENERATE_GOAL = 3.0  # decode tokens/s of the packed model over the fp32 model
 QUALITY_GOAL = 1.03  # the flagship's val loss within this factor of the float twin's (same data, seed, steps)
+STEP_GOAL = 1.25  # the main job's training step at most this factor of its float twin's
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], baseline: str, repeats: int = 7, warmup: int = 1) -> dict[str, Any]:
@@ -504,8 +505,11 @@ QUALITY_BASE = "mlstm_stc"
 
 #: Overrides turning QUALITY_BASE into the float twin at the benchmark size (4 x 128, context 64, batch 12),
 #: with one validation at the end, no sampling, no extra checkpoints and no TensorBoard.
+#: The model overrides that make the main job's model its float twin (sigmoid gate, dense memory, float projections).
+TWIN_MODEL: tuple[str, ...] = ("model.gate_mode=sigmoid", "model.memory_backend=dense", "model.ternary_projections=[]")
+
 QUALITY_TWIN: tuple[str, ...] = (
-    "model.gate_mode=sigmoid", "model.memory_backend=dense", "model.ternary_projections=[]",
+    *TWIN_MODEL,
     "model.n_blocks=4", "model.d_model=128", "model.n_heads=4", "model.context_length=64",
     "data.source=stdlib", "tokenizer.kind=byte",
     "optimizer.name=adamw", "optimizer.lr=2e-3", "optimizer.two_stage=true",
@@ -752,3 +756,57 @@ def bench_quality(steps: int = 300, seeds: tuple[int, ...] | list[int] = (1234,)
                 "twin_overrides": list(QUALITY_TWIN)}
     return {"benchmark": "quality", "machine": machine_info(), "settings": settings, "goal": QUALITY_GOAL,
             "variants": out}
+
+
+# ------------------------------------------------------------------------------------------ training step
+
+
+def bench_train_step(sets: list[str] | tuple[str, ...] = (), repeats: int = 15, compile: bool = False) -> dict[str, Any]:
+    """Training-step time of the main job's model vs its float twin: interleaved fwd + bwd + AdamW steps, medians.
+
+    Both models are built from :data:`QUALITY_BASE` (the twin with :data:`TWIN_MODEL`) plus ``sets``,
+    at the recipe's batch size and context, from the same seed, and step on the same random batch.
+    ``compile`` runs both through ``torch.compile`` (``nn.Module.compile``) first, as
+    ``trainer.compile`` does; the first step of each (the compile) is timed apart. Returns
+    ``{"benchmark": "step", "median_s", "samples_s", "ratio" (main / twin step time; > 1 slower),
+    "goal", "met", "compile_s", "settings"}``.
+    """
+    from ternkit.models.lm import XLSTMLM
+    from ternkit.recipe import load_recipe
+
+    models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
+    recipe = None
+    for name, extra in (("twin", TWIN_MODEL), ("main", ())):
+        recipe = load_recipe(QUALITY_BASE, overrides=[*extra, *sets])
+        torch.manual_seed(0)
+        m = XLSTMLM(recipe.model.with_vocab(256)).train()
+        if compile:
+            m.compile()
+        models[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-3))
+    assert recipe is not None
+    x = torch.randint(0, 256, (recipe.trainer.batch_size, recipe.model.context_length + 1))
+
+    def stepper(name: str) -> Callable[[], None]:
+        m, opt = models[name]
+
+        def step() -> None:
+            loss = F.cross_entropy(m(x[:, :-1]).reshape(-1, 256), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    fns = {n: stepper(n) for n in models}
+    first = {}
+    for n, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[n] = time.perf_counter() - t0
+    res = interleaved(fns, "twin", repeats=repeats, warmup=2)
+    ratio = res["median_s"]["main"] / res["median_s"]["twin"]
+    m = recipe.model
+    return {"benchmark": "step", "median_s": res["median_s"], "samples_s": res["samples_s"], "ratio": ratio,
+            "goal": STEP_GOAL, "met": bool(ratio <= STEP_GOAL), "compile": compile,
+            "compile_s": first if compile else None, "threads": torch.get_num_threads(), "repeats": repeats,
+            "settings": {"n_blocks": m.n_blocks, "d_model": m.d_model, "context_length": m.context_length,
+                         "batch_size": recipe.trainer.batch_size, "sets": list(sets)}}

@@ -319,3 +319,38 @@ def bench_quality_cmd(
         console.print(f"flagship val loss {flag['ratio']:.3f}x the float twin's: goal <= {QUALITY_GOAL:g}x "
                       + ("[green]met[/]" if ok else "[red]missed[/]"), highlight=False)
     _write_json(json_path, r)
+
+
+@bench_app.command("step")
+@user_errors
+def bench_step_cmd(
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="key=value recipe override for both models "
+                                             "(repeatable), e.g. model.n_blocks=4."),
+    repeats: int = typer.Option(15, "--repeats"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile both models first (trainer.compile)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Training-step time (fwd + bwd + AdamW) of the main job's model vs its float twin, at the main job's size."""
+    import torch
+
+    from ternkit.bench import bench_train_step
+
+    _setup(threads, repeats)
+    with console.status("building and warming up both models" + (" (compiling: a minute or two)" if compile else ""),
+                        spinner="dots"):
+        r = bench_train_step(sets or [], repeats, compile)
+    s = r["settings"]
+    t = Table(title=f"Training step: {s['n_blocks']} blocks x d_model {s['d_model']}, context {s['context_length']}, "
+                    f"batch {s['batch_size']}, {torch.get_num_threads()} threads, median of {repeats}"
+                    + (", compiled" if compile else ""),
+              caption=_caption("ratio = model / twin step time (> 1: slower)"))
+    for col in ("model", "ms / step", "ratio", "goal"):
+        t.add_column(col, justify="right")
+    t.add_row("float twin", f"{r['median_s']['twin'] * 1e3:.1f}", "1.00x", "")
+    goal = f"[green]<= {r['goal']:g}x met[/]" if r["met"] else f"[red]<= {r['goal']:g}x missed[/]"
+    t.add_row("main job's model", f"{r['median_s']['main'] * 1e3:.1f}", f"{r['ratio']:.2f}x", goal)
+    console.print(t)
+    if compile:
+        console.print("first step (compile): " + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
+    _write_json(json_path, r)

@@ -237,6 +237,8 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
                                    "patience": recipe.trainer.divergence_patience,
                                    "stop": recipe.trainer.divergence_stop})
     counts = parameter_counts(module.model)
+    if recipe.trainer.compile and not dry_run:
+        module.model.compile()  # in place: the state dict, checkpoints and exports keep their keys
     result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None)
     if dry_run:
         return result
