@@ -527,6 +527,7 @@ _DGATE = "model.gate_mode=ternary_decay"
 QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "twin": ("float twin", ()),
     "tern_absmean": ("ternary proj absmean", (_TERN, "quant.scale=absmean")),
+    "tern_row": ("ternary proj per_row", (_TERN, "quant.scale=per_row")),
     "tern_lsq": ("ternary proj lsq", (_TERN, "quant.scale=lsq")),
     "tern_int8": ("ternary proj int8 act", (_TERN, "quant.scale=absmean", "quant.act_bits=8")),
     "tern_group": ("ternary proj group", (_TERN, "quant.scale=group")),
