@@ -26,6 +26,10 @@ def exports(toy_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return out
 
 
+def _flat_text(text: str) -> str:
+    return " ".join(text.split())
+
+
 @pytest.mark.parametrize("fmt", ["base3", "2bit"])
 def test_export_writes_weights_config_tokenizer_and_metadata(fmt: str, exports: dict[str, Path], toy_run: Path) -> None:
     from safetensors import safe_open
@@ -85,6 +89,11 @@ def test_export_cli_table_check_and_force(cli, toy_run: Path, tmp_path: Path) ->
     fp16 = 2 * sum(p.numel() for p in model.parameters())
     assert ratio == pytest.approx(fp16 / (out / "model.safetensors").stat().st_size, abs=0.01)
     assert ratio > 1.0
+    from ternkit.modules.linear import latent_ternary_layers
+
+    # The main job's per-row scales travel with the trits and are counted: one float per output row.
+    rows = sum(m.out_features for m in latent_ternary_layers(model).values())
+    assert re.search(rf"ternary scales\s*\S\s*[\d.]+ MB \({rows:,} floats", _flat_text(res.out)), res.out
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     refused = cli(["export", str(toy_run / "last.ckpt"), "--packed", "-o", str(out), "--format", "2bit"])
     assert "--force" in assert_one_sentence_error(refused)
