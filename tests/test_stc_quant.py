@@ -135,20 +135,30 @@ def test_bad_arguments_raise() -> None:
         q(torch.randn(2, 3, 4, 8))
 
 
-def test_vector_threshold_zeroes_the_same_count_in_every_vector() -> None:
-    from ternkit.ops.stc import vector_threshold
+def test_vector_quantizer_keeps_the_same_count_in_every_vector() -> None:
+    from ternkit.ops.stc import stc_quantize_vector
 
     g = torch.Generator().manual_seed(0)
     # Norms spread over four orders of magnitude: a per-head threshold would zero the small keys whole.
     x = torch.randn(3, 2, 5, 16, generator=g) * torch.logspace(-2, 2, 5).view(1, 1, 5, 1)
     q = STCQuantizer(2, target_sparsity=0.75, threshold="vector")
     q.train()
-    y = q(x)
+    xg = x.clone().requires_grad_()
+    y = q(xg)
     assert ((y == 0).sum(-1) == 12).all()  # round(0.75 * 16) zeros in every vector, tiny ones included
-    tau = vector_threshold(x, 0.75)
-    kept = x.abs() > tau
+    # The kept entries are the 4 largest |x| of each vector, as alpha * sign(x), alpha their mean |x|.
+    top = x.abs().sort(dim=-1, descending=True).values[..., :4]
+    kept = x.abs() >= top[..., -1:]
     assert torch.equal(kept, y != 0)
+    torch.testing.assert_close(y, torch.where(kept, top.mean(-1, keepdim=True) * x.sign(), 0.0))
+    y.backward(torch.arange(y.numel(), dtype=y.dtype).view_as(y))
+    assert torch.equal(xg.grad, torch.arange(y.numel(), dtype=y.dtype).view_as(y))  # straight-through everywhere
     assert not bool(q.initialized)  # tau is unused with per-vector thresholds
-    assert torch.equal(vector_threshold(x, 0.0).expand_as(x) < x.abs(), torch.ones_like(kept))
+    assert torch.equal(stc_quantize_vector(x, 0.0) != 0, x != 0)  # sparsity 0: every non-zero entry kept
+    # Exact zeros in a kept slot stay 0 and do not count in alpha; bf16 keeps exact counts (ties broken by topk).
+    z = torch.tensor([[0.0, 0.0, 0.0, 2.0, -4.0, 0.0, 0.0, 0.0]])
+    assert stc_quantize_vector(z, 0.5).tolist() == [[0.0, 0.0, 0.0, 3.0, -3.0, 0.0, 0.0, 0.0]]
+    b = torch.ones(2, 64, dtype=torch.bfloat16)
+    assert ((stc_quantize_vector(b, 0.75) != 0).sum(-1) == 16).all()
     with pytest.raises(TernkitError, match="head or vector"):
         STCQuantizer(2, threshold="token")

