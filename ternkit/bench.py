@@ -503,11 +503,11 @@ def bench_generate(d_model: int = 1024, blocks: int = 6, prompt_tokens: int = 32
 #: The recipe whose model the quality benchmark measures (the main job); the float twin is derived from it.
 QUALITY_BASE = "mlstm_stc"
 
-#: Overrides turning QUALITY_BASE into the float twin at the benchmark size (4 x 128, context 64, batch 12),
-#: with one validation at the end, no sampling, no extra checkpoints and no TensorBoard.
 #: The model overrides that make the main job's model its float twin (sigmoid gate, dense memory, float projections).
 TWIN_MODEL: tuple[str, ...] = ("model.gate_mode=sigmoid", "model.memory_backend=dense", "model.ternary_projections=[]")
 
+#: Overrides turning QUALITY_BASE into the float twin at the benchmark size (4 x 128, context 64, batch 12),
+#: with one validation at the end, no sampling, no extra checkpoints and no TensorBoard.
 QUALITY_TWIN: tuple[str, ...] = (
     *TWIN_MODEL,
     "model.n_blocks=4", "model.d_model=128", "model.n_heads=4", "model.context_length=64",
@@ -766,7 +766,8 @@ def bench_train_step(sets: list[str] | tuple[str, ...] = (), repeats: int = 15, 
     """Training-step time of the main job's model vs its float twin: interleaved fwd + bwd + AdamW steps, medians.
 
     Both models are built from :data:`QUALITY_BASE` (the twin with :data:`TWIN_MODEL`) plus ``sets``,
-    at the recipe's batch size and context, from the same seed, and step on the same random batch.
+    at the recipe's batch size and context, from the same seed, and step on the same random batch
+    (``TWIN_MODEL`` is applied after ``sets``, so the twin stays float whatever is set).
     ``compile`` runs both through ``torch.compile`` (``nn.Module.compile``) first, as
     ``trainer.compile`` does; the first step of each (the compile) is timed apart. Returns
     ``{"benchmark": "step", "median_s", "samples_s", "ratio" (main / twin step time; > 1 slower),
@@ -775,15 +776,21 @@ def bench_train_step(sets: list[str] | tuple[str, ...] = (), repeats: int = 15, 
     from ternkit.models.lm import XLSTMLM
     from ternkit.recipe import load_recipe
 
+    from ternkit.modules.linear import ternary_modules
+
     models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
+    kinds: dict[str, dict[str, Any]] = {}
     recipe = None
     for name, extra in (("twin", TWIN_MODEL), ("main", ())):
-        recipe = load_recipe(QUALITY_BASE, overrides=[*extra, *sets])
+        # The twin's own overrides come last: no --set can make the baseline ternary.
+        recipe = load_recipe(QUALITY_BASE, overrides=[*sets, *extra])
         torch.manual_seed(0)
         m = XLSTMLM(recipe.model.with_vocab(256)).train()
         if compile:
             m.compile()
         models[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-3))
+        kinds[name] = {"gate_mode": recipe.model.gate_mode, "memory_backend": recipe.model.memory_backend,
+                       "ternary_layers": sum(1 for _ in ternary_modules(m))}
     assert recipe is not None
     x = torch.randint(0, 256, (recipe.trainer.batch_size, recipe.model.context_length + 1))
 
@@ -810,4 +817,4 @@ def bench_train_step(sets: list[str] | tuple[str, ...] = (), repeats: int = 15, 
             "goal": STEP_GOAL, "met": bool(ratio <= STEP_GOAL), "compile": compile,
             "compile_s": first if compile else None, "threads": torch.get_num_threads(), "repeats": repeats,
             "settings": {"n_blocks": m.n_blocks, "d_model": m.d_model, "context_length": m.context_length,
-                         "batch_size": recipe.trainer.batch_size, "sets": list(sets)}}
+                         "batch_size": recipe.trainer.batch_size, "sets": list(sets)}, "models": kinds}

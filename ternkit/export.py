@@ -110,6 +110,12 @@ class ExportReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     scale_values: int = 0  # float scales of the latent-weight ternary layers (1 per tensor, or 1 per row)
     scale_bytes: int = 0
+    scaled_weights: int = 0  # the trits those scales belong to (integer-state group layers keep their own)
+
+    @property
+    def scale_bits_per_weight(self) -> float:
+        """Bits of float scale per trit of the latent-weight layers."""
+        return 8.0 * self.scale_bytes / max(self.scaled_weights, 1)
 
     @property
     def bits_per_ternary_weight(self) -> float:
@@ -159,7 +165,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     rows = []
     tern_w = tern_b = 0
     skip = set()
-    scale_n = scale_b = 0
+    scale_n = scale_b = scaled_w = 0
     for name, layer in latent.items():
         trits, alpha = _trits_and_alpha(layer)
         packed, _ = pack_trits(trits, fmt)
@@ -174,6 +180,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
         tern_w += trits.numel()
         tern_b += packed.numel()
         scale_n += alpha.numel()
+        scaled_w += trits.numel()
         scale_b += alpha.numel() * alpha.element_size()
         rows.append({"layer": name, "shape": list(trits.shape), "bits_per_weight": 8.0 * packed.numel() / trits.numel()})
     # Integer-state group layers are already packed (base-3 trits + integer scales): they travel as they are.
@@ -212,7 +219,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     if tok is not None:
         shutil.copyfile(tok, out_dir / _TOKENIZER)
     return ExportReport(out_dir, fmt, tern_w, tern_b, other_params, other_bytes, (out_dir / _WEIGHTS).stat().st_size,
-                        out_dir / _TOKENIZER if tok is not None else None, rows, scale_n, scale_b)
+                        out_dir / _TOKENIZER if tok is not None else None, rows, scale_n, scale_b, scaled_w)
 
 
 def load_packed(path: str | Path) -> nn.Module:

@@ -181,8 +181,9 @@ class TrainerConfig(Section):
     sample_tokens: int = Field(128, ge=1)
     sample_prompt: str = "def "
     num_workers: int = Field(0, ge=0)
-    compile: bool = Field(False, description="torch.compile the model's forward and backward: the first step "
-                          "compiles (one to two minutes on CPU), later steps run faster (BENCHMARKS.md)")
+    compile: bool = Field(False, description="torch.compile the model's forward and backward: the first training "
+                          "step and the first validation each compile a graph (a minute or two on CPU); later "
+                          "steps run faster (`ternkit bench step --compile`, BENCHMARKS.md)")
     divergence_factor: float | None = Field(
         2.0, gt=1.0, description="a loss above this multiple of its best running level is a spike (null = off)")
     divergence_patience: int = Field(50, ge=1, description="consecutive spiking steps that count as divergence")

@@ -29,6 +29,11 @@ def test_bench_train_step_times_both_models_and_the_twin_is_float() -> None:
     assert r["goal"] == STEP_GOAL and r["met"] == (r["ratio"] <= STEP_GOAL)
     assert [len(v) for v in r["samples_s"].values()] == [2, 2]
     assert r["settings"]["d_model"] == 16 and r["settings"]["batch_size"] == 2
+    assert r["models"]["twin"] == {"gate_mode": "sigmoid", "memory_backend": "dense", "ternary_layers": 0}
+    assert r["models"]["main"]["ternary_layers"] > 0 and r["models"]["main"]["memory_backend"] == "stc_sparse"
+    # A --set cannot turn the baseline ternary: the twin's overrides win.
+    r2 = bench_train_step([*TINY, "model.ternary_projections=[up]"], repeats=1)
+    assert r2["models"]["twin"]["ternary_layers"] == 0 and r2["models"]["main"]["ternary_layers"] == 1
 
 
 def test_cli_bench_step_table_json_and_bad_set(tmp_path: Path, keep_threads) -> None:
@@ -47,8 +52,26 @@ def test_cli_bench_step_table_json_and_bad_set(tmp_path: Path, keep_threads) -> 
 
 
 def test_trainer_compile_defaults_off_and_is_validated() -> None:
+    from ternkit.errors import TernkitError
+
     assert load_recipe("mlstm_stc").trainer.compile is False
     assert load_recipe("mlstm_stc", ["trainer.compile=true"]).trainer.compile is True
+    with pytest.raises(TernkitError, match="compile"):
+        load_recipe("mlstm_stc", ["trainer.compile=maybe"])
+
+
+def test_train_compiles_the_model_only_when_asked(tmp_path: Path, monkeypatch, token_cache) -> None:
+    from conftest import toy_text_sets
+    from ternkit.train.run import train
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(type(self).__name__))
+    for flag, dry in ((True, True), (False, False), (True, False)):
+        toy = [a for a in toy_text_sets(token_cache, 1) if a != "--set"]
+        r = load_recipe("mlstm_stc", [*toy, *TINY, f"trainer.compile={str(flag).lower()}",
+                                      f"checkpoint.dir={tmp_path / f'run-{flag}-{dry}'}"])
+        train(r, dry_run=dry, progress=False)
+    assert calls == ["XLSTMLM"]  # the real run with compile on; neither the dry run nor compile off
 
 
 @pytest.mark.slow

@@ -155,6 +155,7 @@ def test_vector_quantizer_keeps_the_same_count_in_every_vector() -> None:
     assert torch.equal(xg.grad, torch.arange(y.numel(), dtype=y.dtype).view_as(y))  # straight-through everywhere
     assert not bool(q.initialized)  # tau is unused with per-vector thresholds
     assert torch.equal(stc_quantize_vector(x, 0.0) != 0, x != 0)  # sparsity 0: every non-zero entry kept
+    assert torch.equal(stc_quantize_vector(x, 1.0), torch.zeros_like(x))  # nothing kept: all zero
     # Exact zeros in a kept slot stay 0 and do not count in alpha; bf16 keeps exact counts (ties broken by topk).
     z = torch.tensor([[0.0, 0.0, 0.0, 2.0, -4.0, 0.0, 0.0, 0.0]])
     assert stc_quantize_vector(z, 0.5).tolist() == [[0.0, 0.0, 0.0, 3.0, -3.0, 0.0, 0.0, 0.0]]

@@ -43,7 +43,7 @@ def export_cmd(
     t.add_row("ternary bytes", f"{rep.ternary_bytes / 1e6:.3f} MB")
     if rep.scale_values:
         t.add_row("ternary scales", f"{rep.scale_bytes / 1e6:.3f} MB ({rep.scale_values:,} floats, "
-                  f"{8.0 * rep.scale_bytes / max(rep.ternary_weights, 1):.3f} bit/weight)")
+                  f"{rep.scale_bits_per_weight:.3f} bit/weight)")
     t.add_row("other tensors", f"{rep.other_bytes / 1e6:.3f} MB ({rep.other_params:,} float values)")
     t.add_row("model.safetensors", f"{rep.file_bytes / 1e6:.3f} MB")
     t.add_row("fp16 size of the same model", f"{rep.fp16_bytes / 1e6:.3f} MB")

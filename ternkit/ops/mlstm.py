@@ -15,7 +15,7 @@ Gate modes:
   -1 negate). log|g| is 0 or -inf and the sign rides separately: m_t = max(m_{t-1}, i~_t) where
   g != 0 and m_t = i~_t where g = 0, and f'_t = g_t * exp(m_{t-1} - m_t). Writing f' with g as a
   factor lets the straight-through gradient reach g in every form, also where g = 0 (the
-  derivative of the memory w.r.t. g is then the memory that was cleared). The stabilizer m
+  derivative of the memory w.r.t. g is then the memory that was cleared, capped: see below). The stabilizer m
   depends on g only through which gates are zero, so m carries no gradient to g. Keep (+1) with
   no write preserves the memory bit for bit.
 - ``"ternary_decay"``: the forget gate is t_t * a_t with the sign t_t = ternary_gate(f~_t) as in
