@@ -555,7 +555,7 @@ QUALITY_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                                                                             "model.stc_quantize=k",
                                                                             "model.stc_threshold=vector", _DGATE)),
     "flagship": ("flagship", (f"model.ternary_projections={_MAIN}", f"model.memory_backend={_MAIN}",
-                              f"model.gate_mode={_MAIN}", f"model.forget_bias_init={_MAIN}",
+                              f"model.gate_mode={_MAIN}", f"model.forget_bias_init={_MAIN}", f"model.gate_soft_cap={_MAIN}",
                               f"model.stc_quantize={_MAIN}", f"model.stc_threshold={_MAIN}",
                               f"model.target_sparsity={_MAIN}", f"model.quant.scale={_MAIN}",
                               f"model.quant.act_bits={_MAIN}", f"model.quant.group_size={_MAIN}")),  # the main job's model

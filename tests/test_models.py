@@ -171,11 +171,13 @@ def _trained_tau(m: XLSTMLM, tokens: torch.Tensor) -> None:
     m.eval()
 
 
-@pytest.mark.parametrize("gate_mode,backend", [("sigmoid", "dense"), ("ternary", "dense"),
-                                               ("sigmoid", "stc_sparse"), ("ternary", "stc_sparse")])
-def test_step_and_prefill_match_forward(gate_mode: str, backend: str) -> None:
+@pytest.mark.parametrize("gate_mode,backend,cap", [("sigmoid", "dense", None), ("ternary", "dense", None),
+                                                   ("sigmoid", "stc_sparse", None), ("ternary", "stc_sparse", None),
+                                                   ("ternary_decay", "stc_sparse", 0.3)])
+def test_step_and_prefill_match_forward(gate_mode: str, backend: str, cap: float | None) -> None:
     torch.manual_seed(2)
-    m = XLSTMLM(_cfg(gate_mode=gate_mode, memory_backend=backend, ffn=["none", "dense"], ternary_projections=["up", "down"]))
+    m = XLSTMLM(_cfg(gate_mode=gate_mode, memory_backend=backend, ffn=["none", "dense"], ternary_projections=["up", "down"],
+                     gate_soft_cap=cap))
     tokens = torch.randint(0, 37, (2, 13))
     _trained_tau(m, tokens)
     with torch.no_grad():
@@ -352,3 +354,19 @@ def test_stc_value_settings_reach_the_quantizers_and_decoding_stays_exact() -> N
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-4, rtol=1e-3)
         st = m.stc_stats()[0]
         assert 0.0 < st["skip_fraction"] <= 1.0 and (st["zero_fraction_v"] is None) == (v_target is None)
+
+
+def test_gate_soft_cap_bounds_the_gate_preactivations() -> None:
+    # c * tanh(x / c): |i~|, |f~| <= c whatever the gate layers output; off (None) leaves them as they are.
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32) * 50
+    seen = {}
+    for cap in (None, 2.0):
+        layer = MLSTMLayer(_cfg(gate_soft_cap=cap))
+        with torch.no_grad():
+            layer.igate.weight.normal_(0, 5.0)
+            layer.fgate.weight.normal_(0, 5.0)
+        x_m, x_c, _ = layer._front(x)
+        _, _, _, i, f = layer._qkv_gates(x_m, x_c)
+        seen[cap] = max(float(i.abs().max()), float(f.abs().max()))
+    assert seen[None] > 10.0 and seen[2.0] <= 2.0  # tanh saturates to exactly 1 in float32

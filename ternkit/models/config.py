@@ -128,6 +128,9 @@ class ModelConfig(Section):
         None, ge=0.0, lt=1.0, description="target zero fraction of STC values; None -> target_sparsity")
     forget_bias_init: tuple[float, float] = Field(
         (3.0, 6.0), description="(start, end) of the forget-gate bias linspace over heads; ~0.5 for a ternary gate to learn")
+    gate_soft_cap: float | None = Field(
+        None, gt=0.0, description="soft cap c * tanh(x / c) on the input and forget gate pre-activations (xLSTM 7B uses "
+        "15): bounds them, which unbounded ternary-gate runs need at 8 blocks and lr 3e-3; None = off")
     ternary_projections: list[Projection] | Literal["all"] = Field(default_factory=lambda: ["up", "qkv", "down", "ffn"])
     quant: TernarySpec = Field(default_factory=TernarySpec, description="how ternary layers are scaled and fed")
     ffn: FfnKind | list[FfnKind] = Field("none", description="one kind for every block, or one per block")

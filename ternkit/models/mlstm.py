@@ -197,6 +197,10 @@ class MLSTMLayer(nn.Module):
         qkv = torch.cat([q, k, v], dim=-1)
         i = self.igate(qkv).transpose(1, 2)
         f = self.fgate(qkv).transpose(1, 2)
+        cap = self.cfg.gate_soft_cap
+        if cap is not None:
+            # Before the memory op, so every form (parallel, chunkwise, step) sees the same capped gates.
+            i, f = cap * torch.tanh(i / cap), cap * torch.tanh(f / cap)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.k_quant is not None:
             k = self.k_quant(k)
