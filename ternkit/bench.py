@@ -21,7 +21,8 @@ from ternkit.errors import TernkitError
 
 __all__ = ["interleaved", "interleaved_per_call", "machine_info", "bench_moe_vs_dense", "bench_kernels", "bench_stc",
            "bench_generate", "bench_quality", "quality_recipes", "quality_diverged", "stc_like", "KERNEL_GOALS",
-           "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "STEP_GOAL", "TWIN_MODEL", "bench_train_step", "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
+           "STC_WRITE_GOAL", "GENERATE_GOAL", "QUALITY_GOAL", "STEP_GOAL", "TWIN_MODEL", "bench_train_step",
+           "QUALITY_VARIANTS", "QUALITY_TWIN", "QUALITY_BASE"]
 
 #: Speed goals of the compiled ops: candidate speed-up over the fp32 torch baseline in the same run.
 KERNEL_GOALS: dict[int, float] = {1: 8.0, 8: 2.0}  # batch -> ternary_linear vs F.linear
@@ -774,9 +775,8 @@ def bench_train_step(sets: list[str] | tuple[str, ...] = (), repeats: int = 15, 
     "goal", "met", "compile_s", "settings"}``.
     """
     from ternkit.models.lm import XLSTMLM
-    from ternkit.recipe import load_recipe
-
     from ternkit.modules.linear import ternary_modules
+    from ternkit.recipe import load_recipe
 
     models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     kinds: dict[str, dict[str, Any]] = {}

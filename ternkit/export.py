@@ -165,7 +165,7 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     rows = []
     tern_w = tern_b = 0
     skip = set()
-    scale_n = scale_b = scaled_w = 0
+    scale_n = scale_b = 0
     for name, layer in latent.items():
         trits, alpha = _trits_and_alpha(layer)
         packed, _ = pack_trits(trits, fmt)
@@ -180,9 +180,9 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
         tern_w += trits.numel()
         tern_b += packed.numel()
         scale_n += alpha.numel()
-        scaled_w += trits.numel()
         scale_b += alpha.numel() * alpha.element_size()
         rows.append({"layer": name, "shape": list(trits.shape), "bits_per_weight": 8.0 * packed.numel() / trits.numel()})
+    scaled_w = tern_w  # the trits the float scales belong to, before the group layers add theirs
     # Integer-state group layers are already packed (base-3 trits + integer scales): they travel as they are.
     from ternkit.modules.group import GroupTernaryLinear
 

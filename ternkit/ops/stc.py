@@ -7,7 +7,7 @@ inference-time memory write that skips the zero rows/columns of ``k v^T`` lives 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,24 @@ def _stc_forward(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, alpha * torch.sign(x), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-class _STCQuantize(torch.autograd.Function):
-    """Forward alpha * sign(x) * [|x| > tau]; backward identity (straight-through, zero region included)."""
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``quantize(x, arg)``; backward identity w.r.t. x (straight-through, zero region included)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return _stc_forward(x, tau)
+    def forward(ctx: Any, x: torch.Tensor, quantize: Callable[[torch.Tensor, Any], torch.Tensor],
+                arg: Any) -> torch.Tensor:
+        return quantize(x, arg)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_out, None
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad_out, None, None
+
+
+def _straight_through(quantize: Callable[[torch.Tensor, Any], torch.Tensor], x: torch.Tensor, arg: Any) -> torch.Tensor:
+    """``quantize(x, arg)`` with an identity gradient w.r.t. x; without autograd (decoding) the plain call."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return quantize(x, arg)  # the same numbers without the autograd.Function's overhead
+    return _StraightThrough.apply(x, quantize, arg)
 
 
 def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
@@ -59,12 +67,10 @@ def stc_quantize(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """
     if not torch.is_tensor(tau):
         tau = torch.tensor(float(tau), dtype=x.dtype, device=x.device)
-    # A threshold finer than x (a float32 per-vector tau for bf16 keys) keeps its precision: the
-    # comparison promotes x instead of rounding tau onto one of x's values.
+    # A threshold given finer than x (float32 for bf16 keys) keeps its precision: the comparison
+    # promotes x instead of rounding tau onto one of x's values.
     tau = tau.to(device=x.device) if torch.finfo(tau.dtype).bits >= torch.finfo(x.dtype).bits else tau.to(x.dtype)
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return _stc_forward(x, tau)  # decoding: the same numbers without the autograd.Function's overhead
-    return _STCQuantize.apply(x, tau)
+    return _straight_through(_stc_forward, x, tau)
 
 
 def _vector_forward(x: torch.Tensor, keep: int) -> torch.Tensor:
@@ -78,18 +84,6 @@ def _vector_forward(x: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.zeros_like(x).scatter_(-1, idx, alpha * torch.sign(x.gather(-1, idx)))
 
 
-class _STCVector(torch.autograd.Function):
-    """Forward :func:`_vector_forward`; backward identity (straight-through, zero region included)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, keep: int) -> torch.Tensor:
-        return _vector_forward(x, keep)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_out, None
-
-
 def stc_quantize_vector(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Ternary-quantize x (..., DH) per vector, keeping its ``DH - round(sparsity * DH)`` largest |x|; same shape.
 
@@ -101,10 +95,7 @@ def stc_quantize_vector(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     is the identity everywhere (straight-through), the zero region included.
     """
     d = x.shape[-1]
-    keep = d - int(round(sparsity * d))
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return _vector_forward(x, keep)  # decoding: the same numbers without the autograd.Function's overhead
-    return _STCVector.apply(x, keep)
+    return _straight_through(_vector_forward, x, d - int(round(sparsity * d)))
 
 
 class _TernaryGate(torch.autograd.Function):
