@@ -6,7 +6,11 @@ the stabilizer m at 0, as in NX-AI/xlstm and mlstm_kernels)::
     m_t = max(log f_t + m_{t-1}, i~_t)
     f'_t = exp(log f_t + m_{t-1} - m_t),   i'_t = exp(i~_t - m_t)
     C_t = f'_t C_{t-1} + i'_t k_t v_t^T,    n_t = f'_t n_{t-1} + i'_t k_t
-    h_t = C_t^T q_t / (max(|n_t . q_t|, exp(-m_t)) + eps)
+    h_t = C_t^T q_t / (max(|n_t . q_t|, exp(min(-m_t, 60))) + eps)
+
+The floor's exponent is capped at 60 nats: input gates that a model drives far negative (i~ < -88,
+seen at lr 3e-3) would make exp(-m) overflow float32, and its gradient inf * 0 = NaN. Below the cap
+the floor is already 1e26 against |n . q| of order 1, so h ~ 0 either way; all forms share it.
 
 Gate modes:
 
@@ -78,6 +82,9 @@ GATE_MODES = ("sigmoid", "ternary", "ternary_decay")
 # straight-through gradient (its forward factor multiplies t_r = 0); see the module doc.
 _MAX_CLEARED_EXP = 0.0
 
+# Cap on -m_t in the readout floor exp(-m_t): keeps it (and its gradient) finite in float32; see the module doc.
+_MAX_FLOOR_EXP = 60.0
+
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -120,8 +127,9 @@ def _zero_state(q: torch.Tensor) -> State:
 
 
 def _readout(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
-    """h = num / (max(|den|, exp(-m)) + eps); num (..., DH), den and m (...)."""
-    return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+    """h = num / (max(|den|, exp(min(-m, 60))) + eps); num (..., DH), den and m (...)."""
+    floor = torch.exp((-m).clamp(max=_MAX_FLOOR_EXP))
+    return num / (torch.maximum(den.abs(), floor) + eps).unsqueeze(-1)
 
 
 # --------------------------------------------------------------------------- recurrent
