@@ -10,3 +10,11 @@ class TernkitError(Exception):
     """
 
     exit_code = 2
+
+
+class RunAborted(BaseException):
+    """A second Ctrl-C while a run saves its interrupt checkpoint: leave at once (a BaseException: nothing swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"aborted by signal {signum}")
+        self.signum = signum

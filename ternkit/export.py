@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -133,6 +137,86 @@ class ExportReport:
         return self.fp16_bytes / max(self.file_bytes, 1)
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder (after resolving links and ``..``)."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _check_destination(ckpt_path: Path, out_dir: Path, force: bool) -> None:
+    """Refuse an export folder that is a file, the checkpoint's own folder, or (without ``force``) not empty."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TernkitError(f"-o {out_dir} is a file, not a folder; pass -o the path of a new or empty folder.")
+    if _same_path(out_dir, ckpt_path.parent):
+        # --force would put model.safetensors, config.json and tokenizer.json among the run's own files.
+        raise TernkitError(f"-o {out_dir} is the folder that holds {ckpt_path.name}; an export there would mix with "
+                           f"the run's files, so pass -o {out_dir / 'export'} instead.")
+    try:
+        non_empty = out_dir.is_dir() and any(out_dir.iterdir())
+    except OSError as err:
+        raise TernkitError(f"cannot look into the export folder {out_dir} ({err.strerror or type(err).__name__}); "
+                           "pass -o a folder you can read and write.") from None
+    if non_empty and not force:
+        raise TernkitError(f"export folder {out_dir} already exists and is not empty; pass --force to overwrite it or "
+                           "choose another -o.")
+
+
+def _save_weights(save_file: Callable[..., None], tensors: dict[str, torch.Tensor], path: Path,
+                  meta: dict[str, str]) -> None:
+    """``save_file`` (safetensors) to ``path``; its I/O failures come back as OSError with the errno."""
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' Rust error carries the OS error only in its text
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _write_all_or_nothing(out_dir: Path, writers: list[tuple[str, Callable[[Path], None]]]) -> None:
+    """Write every file of an export into ``out_dir`` (created if needed), or none of them.
+
+    Each file is first written under a temporary name beside its place, and the temporaries are
+    renamed over the final names only once all of them are complete. On any failure the
+    temporaries and the folders this call created are removed, so the folder holds what it held
+    before; an OSError (full disk, read-only folder) becomes one sentence naming the fix.
+    """
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # innermost first
+    staged: list[tuple[Path, Path]] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, write in writers:
+            tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+            staged.append((tmp, out_dir / name))
+            write(tmp)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException as err:  # Ctrl-C included: no temporary is left behind either way
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if not isinstance(err, OSError):
+            raise
+        if err.errno == errno.ENOSPC:
+            fix = "free some disk space or pass -o a folder on another disk"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = "pass -o a folder you can write to"
+        else:
+            fix = "check the folder and pass -o another one if it persists"
+        raise TernkitError(f"cannot write the export to {out_dir} ({err.strerror or type(err).__name__}); nothing was "
+                           f"written: {fix}.") from None
+
+
 def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3", force: bool = False) -> ExportReport:
     """Write ``out_dir`` with model.safetensors (packed trits + scales, other tensors as they are), config.json, tokenizer.json.
 
@@ -146,15 +230,20 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     if fmt not in FORMATS:
         raise TernkitError(f"unknown packing format {fmt!r}; use --format base3 or --format 2bit.")
     ckpt_path = Path(ckpt_path)
+    out_dir = Path(out_dir)
+    _check_destination(ckpt_path, out_dir, force)  # before the checkpoint is even read: nothing to undo
     model, info = load_model(ckpt_path)
     if info["kind"] != "checkpoint":
         raise TernkitError(f"{ckpt_path} is already an export; pass the training checkpoint (.ckpt) to export it.")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise TernkitError(f"export folder {out_dir} already exists and is not empty; pass --force to overwrite it or "
-                           "choose another -o.")
     cfg = model.config.to_dict()
     tok = find_tokenizer(ckpt_path, info.get("run_info", {}))
+    run_dir = info.get("run_info", {}).get("run_dir")
+    if run_dir and _same_path(out_dir, Path(run_dir)):
+        raise TernkitError(f"-o {out_dir} is the run folder of {ckpt_path}; an export there would mix with the run's "
+                           f"files, so pass -o {out_dir / 'export'} instead.")
+    if tok is not None and _same_path(out_dir / _TOKENIZER, tok):
+        raise TernkitError(f"-o {out_dir} holds the tokenizer.json this export copies ({tok}); pass -o "
+                           f"{out_dir / 'export'} instead.")
     if tok is not None:
         check_tokenizer_fits(tok, cfg["vocab_size"], f"the model in {ckpt_path}")
     from ternkit.modules.linear import latent_ternary_layers
@@ -208,18 +297,58 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
         if ptr in seen and tensors[key].numel():
             tensors[key] = tensors[key].clone()
         seen[ptr] = key
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "ternkit_version": __version__, "packing": fmt, "config": json.dumps(cfg),
             "ternary_layers": json.dumps(layers_meta)}
-    tmp = out_dir / (_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out_dir / _WEIGHTS)
-    (out_dir / _CONFIG).write_text(json.dumps({"ternkit_version": __version__, "packing": fmt, "model": cfg,
-                                               "ternary_layers": layers_meta}, indent=2))
+    config_text = json.dumps({"ternkit_version": __version__, "packing": fmt, "model": cfg,
+                              "ternary_layers": layers_meta}, indent=2)
+    writers: list[tuple[str, Callable[[Path], None]]] = [
+        (_WEIGHTS, lambda tmp: _save_weights(save_file, tensors, tmp, meta)),
+        (_CONFIG, lambda tmp: tmp.write_text(config_text, encoding="utf-8")),
+    ]
     if tok is not None:
-        shutil.copyfile(tok, out_dir / _TOKENIZER)
+        writers.append((_TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp)))
+    _write_all_or_nothing(out_dir, writers)
     return ExportReport(out_dir, fmt, tern_w, tern_b, other_params, other_bytes, (out_dir / _WEIGHTS).stat().st_size,
                         out_dir / _TOKENIZER if tok is not None else None, rows, scale_n, scale_b, scaled_w)
+
+
+def _metadata_json(weights: Path, meta: dict[str, str], key: str, default: str | None = None) -> Any:
+    """The JSON value under ``key`` in a safetensors file's metadata; TernkitError naming the file and key when it is bad."""
+    try:
+        return json.loads(meta[key] if default is None else meta.get(key, default))
+    except (KeyError, json.JSONDecodeError):
+        raise TernkitError(f"{weights}: its metadata key '{key}' is not valid JSON; export the checkpoint "
+                           "again.") from None
+
+
+def _check_config_file(path: Path, stored: Any) -> None:
+    """Refuse an export whose config.json cannot be read or describes another model than its weights.
+
+    The model is rebuilt from the config inside model.safetensors (it travels with the weights);
+    config.json is what people read and edit, so a broken or edited one is reported instead of
+    being silently ignored.
+    """
+    from ternkit.checkpoint import config_from_stored
+
+    cfg_path = path / _CONFIG
+    fix = "restore it by exporting the checkpoint again"
+    try:
+        obj = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise TernkitError(f"cannot read {cfg_path} ({err.strerror or type(err).__name__}); check its permissions.") from None
+    except UnicodeDecodeError as err:
+        raise TernkitError(f"{cfg_path} is not UTF-8 text (byte {err.start}); {fix}.") from None
+    except json.JSONDecodeError as err:
+        raise TernkitError(f"{cfg_path} is not valid JSON (line {err.lineno}, column {err.colno}); {fix}.") from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise TernkitError(f"{cfg_path} has no 'model' key (the model config); {fix}.")
+    edited = config_from_stored(obj["model"], cfg_path, fix).to_dict()
+    weights = config_from_stored(stored, path / _WEIGHTS, "export the checkpoint again").to_dict()
+    diff = [k for k in weights if k != "extra" and weights[k] != edited.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}={edited.get(k)!r} vs {weights[k]!r}" for k in diff[:3])
+        raise TernkitError(f"{cfg_path} describes another model than {_WEIGHTS} holds ({shown}); the weights decide "
+                           f"the shape, so {fix}.")
 
 
 def load_packed(path: str | Path) -> nn.Module:
@@ -239,8 +368,15 @@ def load_packed(path: str | Path) -> nn.Module:
         raise TernkitError(f"{path / _WEIGHTS} could not be read ({type(err).__name__}); the export is damaged: export again.") from None
     if "ternkit_version" not in meta or "config" not in meta:
         raise TernkitError(f"{path / _WEIGHTS} has no ternkit metadata; it was not written by 'ternkit export'.")
-    model = model_from_config(json.loads(meta["config"]))
-    _swap_in_packed(model, json.loads(meta.get("ternary_layers", "{}")))
+    stored = _metadata_json(path / _WEIGHTS, meta, "config")
+    layers = _metadata_json(path / _WEIGHTS, meta, "ternary_layers", "{}")
+    _check_config_file(path, stored)
+    model = model_from_config(stored, path / _WEIGHTS)
+    try:
+        _swap_in_packed(model, layers)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise TernkitError(f"{path / _WEIGHTS}: its 'ternary_layers' metadata is malformed ({type(err).__name__}); "
+                           "export the checkpoint again.") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,26 @@ from torch import nn
 from ternkit.errors import TernkitError
 from ternkit.tokenizer import Tok
 
-__all__ = ["load_for_generation", "stream_text"]
+__all__ = ["check_sampling", "load_for_generation", "stream_text"]
+
+
+def check_sampling(temperature: float, top_k: int | None) -> bool:
+    """Validate sampling settings before a model is loaded; returns whether decoding is greedy (temperature 0).
+
+    ``temperature`` must be finite and >= 0 (0 means greedy: the most likely token every step);
+    ``top_k`` must be None (every token) or at least 1. A negative temperature used to fall back
+    to greedy silently and nan/inf broke sampling half-way, so both are refused up front.
+    """
+    if not math.isfinite(temperature):
+        raise TernkitError(f"--temperature must be a finite number, got {temperature}; use 0 for greedy decoding or "
+                           "a positive value such as 0.8.")
+    if temperature < 0:
+        raise TernkitError(f"--temperature must not be negative, got {temperature:g}; use 0 for greedy decoding or a "
+                           "positive value such as 0.8.")
+    if top_k is not None and top_k < 1:
+        raise TernkitError(f"--top-k must be at least 1, got {top_k}; pass the number of most likely tokens to sample "
+                           "among, such as 40.")
+    return temperature == 0
 
 
 def load_for_generation(source: str | Path, packed: bool = True) -> tuple[nn.Module, Tok]:

@@ -12,12 +12,14 @@ edits the raw YAML before validation, so an override is checked exactly like the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -42,12 +44,19 @@ __all__ = [
     "LoggingConfig",
     "CheckpointConfig",
     "PROJECTIONS",
+    "STRATEGIES",
     "load_recipe",
     "recipe_from_dict",
     "recipe_dirs",
     "list_recipes",
     "resolve_recipe",
+    "copy_recipe_file",
 ]
+
+#: Longest run name: it names the folder runs/<name> and appears in file names, far below the 255-byte limit.
+MAX_NAME_CHARS = 128
+#: File systems limit one path component to 255 bytes (NAME_MAX); the margin is for names derived from it.
+_MAX_NAME_BYTES = 200
 
 #: The pre-unification place of the ternary-layer settings; a recipe's top-level ``quant:`` still
 #: works and lands in ``model.quant``, the one place the setting lives.
@@ -152,6 +161,17 @@ class OptimizerConfig(Section):
     momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon momentum")
     two_stage: bool = False
     two_stage_at: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of max_steps where stage two starts")
+    ternary_lr_scale: float = Field(1.0, gt=0.0, description="LR multiplier of the latent weights of ternary layers "
+                                    "(AdamW; the schedule scales it like every other LR)")
+    ternary_weight_decay: float | None = Field(None, ge=0.0, description="weight decay of the latent ternary "
+                                               "weights (null = weight_decay)")
+
+    @model_validator(mode="after")
+    def _ternary_group_needs_adamw(self) -> "OptimizerConfig":
+        if self.name != "adamw" and (self.ternary_lr_scale != 1.0 or self.ternary_weight_decay is not None):
+            raise ValueError("ternary_lr_scale and ternary_weight_decay apply to optimizer.name=adamw only; "
+                             "use adamw or leave them unset")
+        return self
 
 
 class ScheduleConfig(Section):
@@ -160,6 +180,22 @@ class ScheduleConfig(Section):
     warmup_steps: int = Field(100, ge=0)
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+#: The strategy names Lightning (2.x) registers, plus "auto"; tests check each against Lightning's registry.
+#: Listed here so a recipe is checked without importing Lightning (seconds) just to validate it.
+STRATEGIES: tuple[str, ...] = (
+    "auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "fsdp_cpu_offload", "single_device",
+    "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+    "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme",
+    "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
+    "ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
+    "ddp_fork_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true",
+    "ddp_notebook_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true",
+    "single_tpu", "single_xla", "xla", "xla_debug",
+)
+#: The strategies a sentence lists; the other names are variants of these.
+_MAIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
 
 
 class TrainerConfig(Section):
@@ -194,6 +230,19 @@ class TrainerConfig(Section):
     def _precision_as_text(cls, v: Any) -> Any:
         # YAML reads `precision: 32` as an int; Lightning's spelling is the string "32".
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_known(cls, v: str) -> str:
+        # Lightning lower-cases the name and would refuse an unknown one only after the data is built.
+        name = v.strip().lower()
+        if name not in STRATEGIES:
+            close = difflib.get_close_matches(name, STRATEGIES, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"trainer.strategy {v!r} is not a Lightning strategy; use one of "
+                             f"{', '.join(_MAIN_STRATEGIES)} (or a variant such as ddp_find_unused_parameters_true "
+                             f"or deepspeed_stage_2){hint}")
+        return name
 
 
 QuantConfig = TernarySpec
@@ -233,8 +282,17 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v in (".", ".."):
-            raise ValueError(f"name {v!r} must be a plain folder name (no slashes)")
+        # The name becomes the folder runs/<name>: one path component a file system accepts on every OS.
+        size = len(v.encode("utf-8", errors="surrogatepass"))
+        if len(v) > MAX_NAME_CHARS or size > _MAX_NAME_BYTES:
+            raise ValueError(f"name is {len(v)} characters ({size} bytes in UTF-8) long; use a name of at most "
+                             f"{MAX_NAME_CHARS} characters and {_MAX_NAME_BYTES} bytes")
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ValueError(f"name {v!r} contains the control character {bad!r}; use letters, digits, '-', '_' or '.'")
+        seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+        if not v.strip() or any(c in v for c in seps) or v in (".", ".."):
+            raise ValueError(f"name {v!r} must be a plain folder name (no slashes, not empty, not '.' or '..')")
         return v
 
     @property
@@ -297,7 +355,7 @@ def _suggest(key: str, cls: type[BaseModel], prefix: str) -> str:
     elsewhere = [p for p in _all_leaf_paths(Recipe) if p.rsplit(".", 1)[-1] == key]
     if elsewhere:
         return f"; did you mean '{elsewhere[0]}'?"
-    return f"; valid keys here: {', '.join(_field_names(cls))}"
+    return f"; valid keys here: {', '.join(_field_names(cls))}."
 
 
 def _check_unknown_keys(raw: dict[str, Any], cls: type[BaseModel], source: str, prefix: str = "") -> None:
@@ -351,8 +409,8 @@ def _empty_sections_to_dicts(raw: dict[str, Any], cls: type[BaseModel]) -> None:
 # ------------------------------------------------------------------------------------ overrides
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> str:
-    """Apply one ``a.b.c=value`` override to ``raw`` in place; return the dotted key."""
+def _apply_override(raw: dict[str, Any], item: str, source: str = "recipe") -> str:
+    """Apply one ``a.b.c=value`` override to ``raw`` (read from ``source``) in place; return the dotted key."""
     if "=" not in item:
         raise TernkitError(f"--set expects key=value (e.g. --set trainer.max_steps=200), got {item!r}.")
     key, _, text = item.partition("=")
@@ -367,19 +425,28 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     except yaml.YAMLError:
         value = text  # an unparsable value stays a string; validation says what it should be
     cls: type[BaseModel] | None = Recipe
+    free = False  # inside a free-form mapping such as model.extra: any key goes
     cur = raw
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i]) + ("." if i else "")
-        if cls is None:
-            raise TernkitError(f"--set {item}: '{prefix.rstrip('.')}' is a value, not a section, so it has no key '{part}'.")
-        if part not in cls.model_fields:
+        if cls is not None and not free and part not in cls.model_fields:
             raise TernkitError(f"--set: unknown key '{prefix}{part}'{_suggest(part, cls, prefix)}")
         if i == len(parts) - 1:
             cur[part] = value
             break
-        cls = model_in(cls.model_fields[part].annotation)
+        if cls is not None and not free:
+            annotation = cls.model_fields[part].annotation
+            cls = model_in(annotation)
+            free = cls is None and get_origin(annotation) is dict
+            if cls is None and not free:
+                raise TernkitError(f"--set {item}: '{prefix}{part}' is a value, not a section, so it has no key "
+                                   f"'{parts[i + 1]}'.")
         nxt = cur.get(part)
-        if not isinstance(nxt, dict):
+        if nxt is not None and not isinstance(nxt, dict):
+            # Replacing the file's value would hide its mistake; say where it is instead.
+            raise TernkitError(f"{source}: '{prefix}{part}' is {nxt!r}, not a mapping of keys, so --set {item} has "
+                               f"nowhere to go; write '{prefix}{part}' as a section in the recipe.")
+        if nxt is None:
             nxt = {}
             cur[part] = nxt
         cur = nxt
@@ -432,6 +499,33 @@ def resolve_recipe(path_or_name: str | os.PathLike[str]) -> Path:
     raise TernkitError(f"recipe '{text}' not found (neither a file nor a shipped recipe name){hint}")
 
 
+def copy_recipe_file(src: Path, target: Path, force: bool = False) -> None:
+    """Copy the recipe file ``src`` to ``target`` byte for byte (comments kept), through a temporary file.
+
+    Refuses an existing ``target`` without ``force``, ``target`` being ``src`` itself, and a missing
+    folder; a failed write (full disk, read-only folder) leaves ``target`` as it was.
+    """
+    try:
+        same = target.exists() and target.resolve() == src.resolve()
+    except OSError:
+        same = False
+    if same:
+        raise TernkitError(f"'{target}' is the recipe being copied ({src}); pass another destination to copy it to.")
+    if target.exists() and not force:
+        raise TernkitError(f"'{target}' already exists; pass --force to overwrite it or choose another destination.")
+    if not target.parent.is_dir():
+        raise TernkitError(f"folder '{target.parent}' does not exist; create it first or choose another destination.")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise TernkitError(f"cannot copy {src} to '{target}' ({err.strerror or type(err).__name__}); choose a "
+                           "destination you can write to.") from None
+
+
 # ---------------------------------------------------------------------------------------- loading
 
 
@@ -445,11 +539,57 @@ def recipe_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), source:
     _empty_sections_to_dicts(raw, Recipe)
     overridden: dict[str, str] = {}
     for item in overrides:
-        overridden[_apply_override(raw, item)] = item
+        overridden[_apply_override(raw, item, source)] = item
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         raise TernkitError(one_sentence(exc, Recipe, raw, source, overridden)) from None
+
+
+#: PyYAML's message for a tag that safe_load has no constructor for (``!!python/object:...``, ``!foo``).
+_NO_CONSTRUCTOR = re.compile(r"could not determine a constructor for the tag '([^']*)'")
+
+
+def _read_recipe_text(path: Path, source: str) -> str:
+    """The text of the recipe file ``path`` (shown as ``source``); TernkitError when unreadable or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TernkitError(f"cannot read recipe '{source}': {exc.strerror or exc}; check the path and its "
+                           "permissions.") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TernkitError(f"recipe '{source}' is not UTF-8 text (byte {exc.start}, 0x{data[exc.start]:02x}, on line "
+                           f"{line}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {source} > fixed.yaml).") from None
+
+
+def _parse_recipe_text(text: str, source: str) -> Any:
+    """The YAML value of a recipe's text (safe_load); TernkitError for empty text, syntax errors and unsafe tags."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:
+        # A control character such as NUL: not an indentation problem, and it has no line mark.
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        raise TernkitError(f"recipe '{source}' holds the control character 0x{char:02x} (at character {exc.position}), "
+                           "which YAML does not allow; remove it, a recipe is plain text.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(exc, "problem", None) or "invalid YAML")
+        tag = _NO_CONSTRUCTOR.search(problem)
+        if isinstance(exc, yaml.constructor.ConstructorError) and tag:
+            shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise TernkitError(f"{source}: the YAML tag '{shown}'{where} is unsafe or unsupported (recipes are "
+                               "read with yaml.safe_load, which builds no Python objects); remove the tag and write a "
+                               "plain value.") from None
+        raise TernkitError(f"{source}: YAML syntax error{where}: {problem}; fix the file's indentation or quoting there.") from None
+    if raw is None:
+        # Nothing but comments or blank lines: training on every default is never what was meant.
+        raise TernkitError(f"recipe '{source}' is empty; start from a shipped recipe (ternkit recipes copy mlstm_stc "
+                           "my.yaml).")
+    return raw
 
 
 def load_recipe(path_or_name: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Recipe:
@@ -460,19 +600,7 @@ def load_recipe(path_or_name: str | os.PathLike[str], overrides: Iterable[str] =
     """
     path = resolve_recipe(path_or_name)
     source = os.fspath(path_or_name) if Path(os.fspath(path_or_name)).is_file() else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TernkitError(f"cannot read recipe '{source}': {exc.strerror or exc}.") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise TernkitError(f"{source}: YAML syntax error{where}: {problem}; fix the file's indentation or quoting there.") from None
-    if raw is None:
-        raw = {}
+    raw = _parse_recipe_text(_read_recipe_text(path, source), source)
     if not isinstance(raw, dict):
         raise TernkitError(f"{source}: a recipe must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}.")
     raw.setdefault("name", path.stem)

@@ -27,14 +27,16 @@ _CONSTRAINT_ERRORS = {
 
 
 class Section(BaseModel):
-    """Base of every settings section: unknown keys are errors, assignments are re-validated.
+    """Base of every settings section: unknown keys are errors, assignments are re-validated, floats are finite.
 
     :meth:`from_dict` builds one from user data and turns a validation error into one
     :class:`TernkitError` sentence (the key path and what it must be); the plain constructor keeps
     pydantic's errors, so that a schema holding this section can name the full path.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no setting means anything at inf or nan (an lr of .inf trains to NaN at once),
+    # so every float field of every section must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     #: Put before key paths in error sentences (e.g. "model." for the model config).
     _error_prefix: ClassVar[str] = ""
@@ -141,6 +143,8 @@ def one_sentence(exc: ValidationError, root: type[BaseModel], raw: Any, source: 
             section = (prefix + path).rstrip(".")
             text = (f"unknown key '{err['loc'][-1]}'" + (f" in '{section}'" if section else "") + "; remove it or use one of "
                     + ", ".join((model_in(annotation) or root).model_fields))
+        elif etype == "finite_number":
+            text = f"'{shown}' must be a finite number, got {err.get('input')!r}"
         elif etype in _CONSTRAINT_ERRORS:
             got = err.get("input")
             text = f"'{shown}' must be {msg.removeprefix('Input should be ').removeprefix('Value should have ')}, got {got!r}"
@@ -152,4 +156,5 @@ def one_sentence(exc: ValidationError, root: type[BaseModel], raw: Any, source: 
         seen[path] = f"{where or source}: {text}"
     first = next(iter(seen.values()))
     more = len(seen) - 1
-    return first.rstrip(".") + (f" (and {more} more)." if more else ".")
+    first = first.rstrip(".")
+    return first + (f" (and {more} more)." if more else ("" if first.endswith("?") else "."))

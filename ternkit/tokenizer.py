@@ -142,6 +142,8 @@ def _is_byte_json(obj: dict) -> bool:
     if obj.get("type") == "ternkit-byte":
         return True
     model = obj.get("model") or {}
+    if not isinstance(model, dict):
+        return False  # not ours; the tokenizers library says what is wrong with it
     if model.get("type") != "BPE" or model.get("merges") or obj.get("added_tokens"):
         return False
     b2u = bytes_to_unicode()
@@ -155,12 +157,26 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tok:
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise TernkitError(f"tokenizer file '{p}' not found; point tokenizer.path at a tokenizer.json or a folder holding one.")
-    text = p.read_text(encoding="utf-8")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise TernkitError(f"cannot read tokenizer file '{p}' ({exc.strerror or type(exc).__name__}); check its "
+                           "permissions or use another tokenizer.json.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TernkitError(f"tokenizer file '{p}' is not UTF-8 text (byte {exc.start}, 0x{data[exc.start]:02x}), so it "
+                           "is not a tokenizer.json; replace it with a Hugging Face tokenizer.json (for a trained model, "
+                           "the one in its run folder).") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TernkitError(f"tokenizer file '{p}' is not valid JSON (line {exc.lineno}); use a Hugging Face tokenizer.json.") from None
-    if isinstance(obj, dict) and _is_byte_json(obj):
+    if not isinstance(obj, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(obj), "null")
+        raise TernkitError(f"tokenizer file '{p}' holds a JSON {kind}, not an object; use a Hugging Face "
+                           "tokenizer.json.")
+    if _is_byte_json(obj):
         return ByteTokenizer()
     from tokenizers import Tokenizer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,43 @@ def test_muon_trains_and_state_round_trips() -> None:
         o.step()
     for p, q in zip(m.parameters(), m2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_ternary_latent_weights_get_their_own_lr_and_weight_decay() -> None:
+    from ternkit.modules.linear import TernaryLinear
+
+    m = _Tiny()
+    m.hidden = TernaryLinear(8, 8, bias=True, scale="per_row")
+    opt = build_optimizer(m, "adamw", 1e-3, 0.1, ternary_lr_scale=2.0, ternary_weight_decay=0.0)
+    tern = [g for g in opt.param_groups if "lr_scale" in g]
+    assert len(tern) == 1 and len(tern[0]["params"]) == 1 and tern[0]["params"][0] is m.hidden.weight
+    assert tern[0]["lr"] == 2e-3 and tern[0]["weight_decay"] == 0.0 and tern[0]["base_wd"] == 0.0
+    others = [p for g in opt.param_groups if "lr_scale" not in g for p in g["params"]]
+    assert any(p is m.hidden.bias for p in others) and any(p is m.head.weight for p in others)
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups if "lr_scale" not in g)
+    # Default settings keep the two classic groups: the same optimizer as before the option existed.
+    assert all("lr_scale" not in g for g in build_optimizer(m, "adamw", 1e-3, 0.1).param_groups)
+
+
+def test_resume_applies_the_recipes_new_lr_and_records_it(cli, monkeypatch, tmp_path, token_cache) -> None:
+    import json
+
+    from conftest import read_metrics, sets, toy_text_sets
+
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 4) + sets(
+        "name=lr", "optimizer.lr=1e-2", "optimizer.two_stage=false", "schedule.kind=constant", "schedule.warmup_steps=0")
+    assert cli(base).code == 0
+    res = cli(base + sets("trainer.max_steps=8", "optimizer.lr=2e-3") + ["--resume", "auto"])
+    assert res.code == 0, res.text
+    assert "with changed settings" in res.err and "optimizer.lr 0.01 -> 0.002" in res.err
+    run = tmp_path / "runs" / "lr"
+    lrs = {int(r["step"]): float(r["lr"]) for r in read_metrics(run) if r.get("lr")}
+    # Extending a finished run continues the step labels where they stopped (no gap, no repeat).
+    assert sorted(int(r["step"]) for r in read_metrics(run) if r.get("train/loss")) == list(range(8))
+    assert [lrs[s] for s in range(4)] == pytest.approx([1e-2] * 4) and [lrs[s] for s in range(4, 8)] == pytest.approx([2e-3] * 4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["changed_on_resume"]["optimizer.lr"] == [0.01, 0.002]
+    assert summary["changed_on_resume"]["trainer.max_steps"] == [4, 8]
+    (entry,) = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert entry["step"] == 4 and entry["changed"]["optimizer.lr"] == [0.01, 0.002]

@@ -1,5 +1,5 @@
-"""A run killed with SIGKILL mid-way and resumed with --resume auto reaches the same loss at the same step as an
-uninterrupted run (toy scale, CPU): model, optimizer, schedule, STC thresholds, integer accumulators, data position."""
+"""A run killed with SIGKILL mid-way (twice: once more during the resumed run) and resumed with --resume auto
+reaches the same loss at the same step as an uninterrupted run (toy scale, CPU): model, optimizer, schedule, STC thresholds, integer accumulators, data position."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli_subprocess, sets, toy_text_sets, train_losses
+from conftest import REPO, read_metrics, run_cli_subprocess, sets, toy_text_sets, train_losses
 
 N_STEPS = 12
 EVERY = 4
@@ -96,14 +96,31 @@ def test_sigkill_then_resume_matches_uninterrupted(variant: str, tmp_path: Path,
                 proc.communicate()
     assert EVERY <= killed_at < N_STEPS
 
+    # Killed a second time, during the resumed run, once it has written a checkpoint of its own: the log
+    # must still hold every step from before the first resume point (nothing logged is rewritten or lost).
+    start_resumed = subprocess.Popen(
+        [sys.executable, str(script)] + common + sets("name=b") + ["--resume", "auto"], cwd=tmp_path,
+        env={**os.environ, **env, "TERNKIT_TEST_STEP_DELAY": "0.4"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        killed_again = _kill_after_checkpoint(start_resumed, tmp_path / "runs" / "b" / "last.ckpt", killed_at + EVERY)
+    finally:
+        if start_resumed.poll() is None:
+            start_resumed.kill()
+            start_resumed.communicate()
+    assert killed_at < killed_again < N_STEPS
+
     res_b = run_cli_subprocess(common + sets("name=b") + ["--resume", "auto"], cwd=tmp_path, script=str(script),
                                env=env)
     assert res_b.returncode == 0, res_b.stderr
 
     run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
     loss_a, loss_b = train_losses(run_a), train_losses(run_b)
-    # B's log keeps its history from before the kill and continues it after the resume point.
+    # B's log keeps its history from before each kill and continues it after each resume point, one row per
+    # step (the rows of the steps replayed after a resume point replace nothing that came before it).
     assert sorted(loss_a) == sorted(loss_b) == list(range(N_STEPS)), (sorted(loss_a), sorted(loss_b))
+    steps_b = [int(r["step"]) for r in read_metrics(run_b) if r.get("train/loss")]
+    assert steps_b == list(range(N_STEPS)), steps_b
     # Same batch, weights, optimizer state, LR, tau and integer state at every step, after the resume point too.
     for step in range(N_STEPS):
         assert loss_b[step] == pytest.approx(loss_a[step], abs=1e-6, rel=0), (step, killed_at, loss_a[step], loss_b[step])

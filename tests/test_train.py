@@ -40,8 +40,8 @@ def test_toy_training_loss_falls_and_run_folder(toy_run: Path) -> None:
 def test_telemetry_logged_trit_fractions(toy_run: Path) -> None:
     rows = read_metrics(toy_run)
     tele = [r for r in rows if any(k.startswith("trits/") and r[k] for k in r)]
-    # telemetry_every=4, after optimizer steps 4, 8 and 12 (logged at the step count reached).
-    assert {int(r["step"]) for r in tele} == {4, 8, 12}
+    # telemetry_every=4, after optimizer steps 4, 8 and 12, labelled like that step's loss (0-based: 3, 7, 11).
+    assert {int(r["step"]) for r in tele} == {3, 7, 11}
     row = tele[0]
     for key in [k for k in row if k.startswith("trits/") and k.endswith("/frac_zero")]:
         layer = key.removesuffix("/frac_zero")
@@ -211,15 +211,17 @@ def test_nan_loss_stops_with_one_sentence_and_keeps_good_checkpoint(cli, monkeyp
     res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 8)
               + sets("name=nan", "checkpoint.every_steps=1"))
     msg = assert_one_sentence_error(res)
-    assert "nan" in msg and "step 3" in msg and "last.ckpt" in msg
+    assert "nan" in msg and "at step 3" in msg and "last.ckpt" in msg and "(step 2)" in msg
     ckpt = torch.load(tmp_path / "runs" / "nan" / "last.ckpt", map_location="cpu", weights_only=True)
-    # Three good optimizer steps (0, 1, 2) completed; the NaN forward at step 3 never reached the weights.
-    assert ckpt["global_step"] == 3
+    # Three good optimizer steps (0, 1, 2) completed and the forward of step 3 was NaN: the checkpoint after
+    # step 2 led straight to it, so the one kept is the checkpoint before it, whose next step was finite.
+    assert ckpt["global_step"] == 2
+    assert not list((tmp_path / "runs" / "nan").glob(".*.tmp"))
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
     from ternkit.export import load_model
 
     model, info = load_model(tmp_path / "runs" / "nan" / "last.ckpt")
-    assert info["global_step"] == 3
+    assert info["global_step"] == 2
     assert bool(torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long))).all())
 
 

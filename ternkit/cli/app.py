@@ -8,9 +8,10 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ternkit import __version__
-from ternkit.errors import TernkitError
+from ternkit.errors import TernkitError, RunAborted
 
 app = typer.Typer(
     name="ternkit",
@@ -37,10 +38,12 @@ def user_errors(fn: F) -> F:
         except TernkitError as err:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
+            code = int(getattr(err, "exit_code", 2))
+            label = "[bold red]error:[/]" if code == 2 else "[yellow]interrupted:[/]"
+            err_console.print(f"{label} {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=code) from None
+        except (KeyboardInterrupt, RunAborted):
+            err_console.print("[yellow]interrupted:[/] aborted at once; checkpoints already on disk are unchanged.")
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]

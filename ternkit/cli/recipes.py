@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,7 +11,7 @@ from rich.table import Table
 
 from ternkit.cli.app import app, console, user_errors
 from ternkit.errors import TernkitError
-from ternkit.recipe import list_recipes, load_recipe, resolve_recipe
+from ternkit.recipe import copy_recipe_file, list_recipes, load_recipe, resolve_recipe
 
 recipes_app = typer.Typer(help="List, show and copy the shipped training recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
@@ -61,9 +60,5 @@ def copy_cmd(
     src = resolve_recipe(name)
     load_recipe(src)  # refuse to hand out a recipe that does not validate
     target = dest / src.name if dest.is_dir() else dest
-    if target.exists() and not force:
-        raise TernkitError(f"'{target}' already exists; pass --force to overwrite it or choose another destination.")
-    if not target.parent.is_dir():
-        raise TernkitError(f"folder '{target.parent}' does not exist; create it first or choose another destination.")
-    shutil.copyfile(src, target)
+    copy_recipe_file(src, target, force)
     console.print(f"copied [bold]{src.stem}[/] to [bold]{target}[/]; train it with [bold]ternkit train {target}[/]")

@@ -44,6 +44,11 @@ def train_cmd(
         return
     if res.global_rank != 0:
         return  # under DDP every rank runs this command; one summary is enough
+    if res.finished and not json_out:
+        console.print(f"{res.run_dir} already finished at step {res.steps} (trainer.max_steps {r.trainer.max_steps}); "
+                      "nothing was trained or written: raise trainer.max_steps with --set to train further.",
+                      highlight=False, markup=False)
+        return
     if json_out:
         console.print_json(json.dumps(res.to_dict()))
         return

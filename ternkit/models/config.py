@@ -10,6 +10,8 @@ checkpoints and exports stored (flat ``ternary``/``ternary_scale``/``act_bits`` 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
@@ -28,7 +30,9 @@ __all__ = [
     "ModelConfig",
     "MoEConfig",
     "XLSTMLMConfig",
+    "check_model_fits",
     "migrate_model_config",
+    "physical_memory_bytes",
 ]
 
 Projection = Literal["up", "qkv", "down", "ffn", "head"]
@@ -216,6 +220,35 @@ class ModelConfig(Section):
         """Hidden width of a dense or ternary SwiGLU FFN: round(ffn_factor * d_model)."""
         return max(1, int(round(self.ffn_factor * self.d_model)))
 
+    def estimate_parameters(self, vocab_size: int | None = None) -> int:
+        """About how many values a model built from this config holds, computed from the config alone (no tensors).
+
+        ``vocab_size`` stands in for an unset ``self.vocab_size`` (256, the byte tokenizer's, when
+        both are None). Counts every weight matrix, gate, norm and conv; leaves out biases, which
+        are a rounding error. Python integers, so an absurd config gives an absurd number, not an overflow.
+        """
+        vocab = self.vocab_size if self.vocab_size is not None else (vocab_size or 256)
+        d, inner, nh = self.d_model, self.inner_dim, self.n_heads
+        total = vocab * d + d  # embedding, final norm
+        if not self.tie_embeddings:
+            total += d * vocab
+        qkv = 3 * inner * inner if self.is_ternary("qkv") else 3 * inner * self.qkv_blocksize
+        mlstm = (d  # pre-norm
+                 + d * 2 * inner + inner * self.conv_kernel + inner + qkv  # up-projection, conv, q/k/v
+                 + 2 * (3 * inner * nh + nh) + inner + inner  # gates, per-head norm, learnable skip
+                 + inner * d)  # down-projection
+        # Count blocks by FFN kind rather than listing them: n_blocks may be absurd too.
+        per_kind = {self.ffn: self.n_blocks} if isinstance(self.ffn, str) else {k: self.ffn.count(k) for k in set(self.ffn)}
+        for kind, blocks in per_kind.items():
+            ffn = 0
+            if kind in ("dense", "ternary"):
+                ffn = d + 3 * d * self.ffn_hidden()
+            elif kind == "moe":
+                experts = self.moe.experts + (1 if self.moe.shared_expert else 0)
+                ffn = d + d * self.moe.experts + experts * 3 * d * self.moe.hidden_for(d, self.ffn_factor)
+            total += blocks * (mlstm + ffn)
+        return total
+
     def with_vocab(self, vocab_size: int) -> "ModelConfig":
         """This config with ``vocab_size`` filled in when it is unset (a recipe's own value wins)."""
         if self.vocab_size is not None:
@@ -240,6 +273,74 @@ class ModelConfig(Section):
     def from_json(cls, s: str) -> "ModelConfig":
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(s))
+
+
+def physical_memory_bytes() -> int | None:
+    """The memory this process may use, in bytes: physical RAM, or a smaller cgroup (container) limit; None if unknown."""
+    try:
+        total: int | None = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        total = None
+    # A container's limit is what the kernel enforces (the OOM killer), however much RAM the host has.
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (total is None or 0 < int(text) < total):
+            total = int(text)
+    return total
+
+
+_UNITS = ("B", "KB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+
+
+def human_bytes(n: int | float) -> str:
+    """``n`` bytes in decimal units, e.g. ``"1.3 EB"``, ``"128 GB"``."""
+    value = float(n)
+    for unit in _UNITS:
+        if value < 1000 or unit == _UNITS[-1]:
+            return f"{value:.2g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def short_count(n: int) -> str:
+    """A count in short scientific form: ``3.2e17``, ``4.5e6``; small counts as they are."""
+    if n < 100_000:
+        return f"{n:,}"
+    mantissa, exponent = f"{float(n):.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+#: Bytes per parameter: fp32 weights only, and training with each optimizer on the CPU
+#: (weights + gradients + the optimizer's state: AdamW keeps two moments, Muon one momentum).
+BYTES_FP32 = 4
+TRAIN_BYTES = {"adamw": 16, "muon": 12}
+
+
+def check_model_fits(cfg: ModelConfig, vocab_size: int | None = None, bytes_per_param: int = BYTES_FP32,
+                     purpose: str = "", fix: str = "lower model.d_model or model.n_blocks") -> int:
+    """The estimated parameter count of ``cfg``; TernkitError when ``bytes_per_param`` times it exceeds this machine's memory.
+
+    Called before a model is allocated, so that an absurd size (``model.d_model=100000000``) is
+    one sentence with the numbers instead of minutes of swapping and the OOM killer.
+    ``purpose`` (e.g. ``"to train with adamw"``) labels the extra figure when ``bytes_per_param``
+    is more than fp32 weights alone; ``fix`` ends the sentence.
+    """
+    n = cfg.estimate_parameters(vocab_size)
+    memory = physical_memory_bytes()
+    if memory is None or n * bytes_per_param <= memory:
+        return n
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else (vocab_size or 256)
+    keys = [f"model.d_model={cfg.d_model}", f"model.n_blocks={cfg.n_blocks}"]
+    if "moe" in (cfg.ffn if isinstance(cfg.ffn, list) else [cfg.ffn]):
+        keys.append(f"model.moe.experts={cfg.moe.experts}")
+    keys.append(f"a vocabulary of {vocab}")
+    extra = f", about {human_bytes(n * bytes_per_param)} {purpose}" if bytes_per_param != BYTES_FP32 and purpose else ""
+    raise TernkitError(f"{', '.join(keys[:-1])} and {keys[-1]} give about {short_count(n)} parameters "
+                       f"({human_bytes(n * BYTES_FP32)} in fp32{extra}), more than this machine's "
+                       f"{human_bytes(memory)} of memory; {fix}.")
 
 
 #: The name older code and checkpoints use for the model config.

@@ -88,7 +88,9 @@ class TelemetryCallback(L.Callback):
             return
         self.last = telemetry(pl_module.model, self.band)
         for logger in trainer.loggers:
-            logger.log_metrics(self.last, step=step)
+            # Lightning labels the metrics of the N-th optimizer step N - 1 (global_step is already N here);
+            # one label per step keeps a resumed run's history exact at its resume point.
+            logger.log_metrics(self.last, step=step - 1)
 
 
 def replica_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -204,22 +206,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs, then renames it into place.
 
     A run killed mid-write leaves the previous checkpoint intact instead of a truncated file.
+    ``last.ckpt`` written during training (Lightning's step checkpoints) is held back as
+    ``.last.ckpt.unverified.tmp`` until the next step's loss is finite (:meth:`promote`, called by
+    the training step); after a NaN it is dropped (:meth:`discard`), so the kept last.ckpt is
+    always one whose next step was finite and resuming from it does not NaN on its first batch.
+    ``storage_options={"verified": True}`` writes last.ckpt at once (the end of training, a signal).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: tuple[Path, Path] | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is as readable as any file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if path.name == "last.ckpt" and not (storage_options or {}).get("verified"):
+            pending = path.with_name(f".{path.name}.unverified.tmp")
+            _write_atomic(checkpoint, pending)
+            self._pending = (pending, path)
+            return
+        if path.name == "last.ckpt":
+            self.discard()
+        _write_atomic(checkpoint, path)
+
+    def promote(self) -> None:
+        """The step after the held-back last.ckpt was finite: put it in place."""
+        if self._pending is not None:
+            pending, final = self._pending
+            self._pending = None
+            if pending.is_file():
+                os.replace(pending, final)
+
+    def discard(self) -> None:
+        """Drop a held-back last.ckpt (its next step was not finite, or a verified one replaces it)."""
+        if self._pending is not None:
+            self._pending[0].unlink(missing_ok=True)
+            self._pending = None
+
+
+def _write_atomic(checkpoint: dict[str, Any], path: Path) -> None:
+    """torch.save ``checkpoint`` to ``path`` through a fsynced temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is as readable as any file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -22,6 +22,11 @@ from ternkit.train.optim import build_optimizer, lr_factor, weight_decay_factor
 __all__ = ["TernkitLM", "NonFiniteLossError", "DivergenceError", "DivergenceMonitor", "masked_cross_entropy"]
 
 
+#: Optimizer-group settings that come from the recipe (restored over a checkpoint's by ``on_train_start``).
+_RECIPE_GROUP_KEYS = ("initial_lr", "betas", "eps", "base_wd", "lr_scale", "momentum", "nesterov", "ns_coefficients",
+                      "ns_steps", "adjust_lr_fn")
+
+
 def _np_state_to_safe(state: tuple[Any, ...]) -> dict[str, Any]:
     """numpy's RNG state as tensors and ints, loadable with ``torch.load(weights_only=True)``."""
     name, keys, pos, has_gauss, cached = state
@@ -141,8 +146,13 @@ class TernkitLM(L.LightningModule):
         """Cross-entropy + weighted MoE losses; stops the run with a clear message on a non-finite loss."""
         ce, aux, ntok = self._losses(batch)
         loss = ce + aux
+        io = getattr(self.trainer.strategy, "checkpoint_io", None) if self._trainer is not None else None
         if not torch.isfinite(loss).item():
+            if callable(getattr(io, "discard", None)):
+                io.discard()  # the checkpoint before this step led straight to the NaN: keep the one before it
             raise NonFiniteLossError(self._non_finite_message(loss.item()))
+        if callable(getattr(io, "promote", None)):
+            io.promote()
         now = time.perf_counter()
         if self._t_last is not None:
             dt = max(now - self._t_last, 1e-9)
@@ -215,14 +225,40 @@ class TernkitLM(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW or Muon+AdamW with warmup + cosine (optionally BitNet two-stage) stepped every optimizer step."""
         o, s = self.opt_cfg, self.sched_cfg
-        opt = build_optimizer(self.model, o.name, o.lr, o.weight_decay, tuple(o.betas), eps=o.eps, momentum=o.momentum)
+        opt = build_optimizer(self.model, o.name, o.lr, o.weight_decay, tuple(o.betas), eps=o.eps, momentum=o.momentum,
+                              ternary_lr_scale=o.ternary_lr_scale, ternary_weight_decay=o.ternary_weight_decay)
         max_steps = int(self.hparams.max_steps)
 
         def factor(step: int) -> float:
             return lr_factor(step, max_steps, s.warmup_steps, s.kind, s.min_lr_ratio, o.two_stage, o.two_stage_at)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # This recipe's settings per group, before a resumed run's checkpoint overwrites them (on_train_start).
+        self._recipe_groups = [{k: g[k] for k in _RECIPE_GROUP_KEYS if k in g} for g in opt.param_groups]
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_train_start(self) -> None:
+        """A resumed run trains with this recipe's optimizer and schedule settings, not the checkpoint's.
+
+        Lightning restores every optimizer group's hyper-parameters (LR, betas, eps, weight decay)
+        and the scheduler's base LRs from the checkpoint; the advice after a NaN ("lower
+        optimizer.lr, then resume") needs the recipe's to win. With unchanged settings this puts
+        back the very same numbers (the LR is recomputed exactly as the scheduler computes it).
+        """
+        groups = getattr(self, "_recipe_groups", None)
+        if not groups or not self.trainer.lr_scheduler_configs:
+            return
+        opt = self.trainer.optimizers[0]
+        sched = self.trainer.lr_scheduler_configs[0].scheduler
+        if len(groups) != len(opt.param_groups) or not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        for g, want in zip(opt.param_groups, groups):
+            g.update(want)
+        sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        sched._last_lr = lrs
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Apply the weight-decay schedule (BitNet two-stage: decay off in the second half)."""

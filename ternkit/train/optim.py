@@ -11,17 +11,33 @@ from torch import nn
 __all__ = ["param_groups", "build_optimizer", "lr_factor", "weight_decay_factor", "MuonWithAdamW"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices (>= 2-D, not embeddings) decay; vectors, norms, gates' biases and embeddings don't."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, ternary_lr_scale: float = 1.0,
+                 ternary_weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: matrices (>= 2-D, not embeddings) decay; vectors, norms, gates' biases and embeddings don't.
+
+    With ``ternary_lr_scale != 1`` or a ``ternary_weight_decay``, the latent weights of ternary
+    layers get a group of their own (``lr_scale``: its LR is ``lr * ternary_lr_scale``).
+    """
+    from ternkit.modules.linear import latent_ternary_layers
+
+    tern_ids: set[int] = set()
+    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None:
+        tern_ids = {id(m.weight) for m in latent_ternary_layers(model).values()}
+    decay, no_decay, tern = [], [], []
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and id(p) not in emb_ids else no_decay).append(p)
+        if id(p) in tern_ids:
+            tern.append(p)
+        else:
+            (decay if p.ndim >= 2 and id(p) not in emb_ids else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "base_wd": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "base_wd": 0.0})
+    if tern:
+        twd = weight_decay if ternary_weight_decay is None else ternary_weight_decay
+        groups.append({"params": tern, "weight_decay": twd, "base_wd": twd, "lr_scale": ternary_lr_scale})
     return groups
 
 
@@ -74,13 +90,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    momentum: float = 0.95) -> torch.optim.Optimizer:
+                    momentum: float = 0.95, ternary_lr_scale: float = 1.0,
+                    ternary_weight_decay: float | None = None) -> torch.optim.Optimizer:
     """AdamW (``name="adamw"``) or Muon for hidden matrices + AdamW for the rest (``name="muon"``).
 
-    ``eps`` is AdamW's; ``momentum`` is Muon's.
+    ``eps`` is AdamW's; ``momentum`` is Muon's; ``ternary_lr_scale`` / ``ternary_weight_decay``
+    give the latent ternary weights their own AdamW group (:func:`param_groups`; AdamW only).
     """
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        groups = param_groups(model, weight_decay, ternary_lr_scale, ternary_weight_decay)
+        for g in groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None:
+        raise ValueError("optimizer.ternary_lr_scale and ternary_weight_decay apply to adamw only")
     if name == "muon":
         emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         head = getattr(model, "head", None)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,13 +47,42 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"ternary": tern, "float": flt, "integer_state": ints}
 
 
+CHECKPOINT_NAMES = ("last.ckpt", "best.ckpt")
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints a run folder holds: last.ckpt, best.ckpt and step*.ckpt that exist."""
+    found = [run_dir / n for n in CHECKPOINT_NAMES if (run_dir / n).is_file()]
+    return found + sorted(p for p in run_dir.glob("step*.ckpt") if p.is_file())
+
+
+def _global_step(path: Path) -> int | None:
+    """A checkpoint's global_step (None when it cannot be read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:
+        return None
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None, ``auto`` (run_dir/last.ckpt if present) or a path that must exist."""
+    """The checkpoint to resume from: None, ``auto`` or a path that must exist.
+
+    ``auto``: the run folder's newest readable checkpoint by global_step (last.ckpt wins a tie),
+    or None when the folder holds none; a folder whose every checkpoint is unreadable is refused.
+    """
     if resume is None:
         return None
     if resume == "auto":
-        last = run_dir / "last.ckpt"
-        return last if last.exists() else None
+        found = run_checkpoints(run_dir)
+        if not found:
+            return None
+        steps = {p: _global_step(p) for p in found}
+        readable = [p for p in found if steps[p] is not None]
+        if not readable:
+            names = ", ".join(p.name for p in found)
+            raise TernkitError(f"--resume auto: no checkpoint in {run_dir} can be read ({names}); pass a good one "
+                               "with --resume PATH, or start a new run with --set name=<new name>.")
+        return max(readable, key=lambda p: (steps[p], p.name == "last.ckpt"))
     path = Path(resume)
     if not path.exists():
         raise TernkitError(f"--resume {resume}: no such checkpoint; pass an existing .ckpt or --resume auto.")
@@ -76,21 +105,24 @@ class TrainResult:
     replicas: int = 1
     replicas_identical: bool | None = None
     global_rank: int = 0
+    finished: bool = False  # resumed a run that had already reached max_steps: nothing trained or written
+    changed_on_resume: dict[str, list[Any]] = field(default_factory=dict)  # setting -> [checkpoint's, recipe's]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable summary."""
         return {"run_dir": str(self.run_dir), "steps": self.steps, "train_loss": self.train_loss,
                 "val_loss": self.val_loss, "val_acc": self.val_acc, "sample": self.sample, "counts": self.counts,
                 "resumed_from": self.resumed_from, "last_ckpt": str(self.last_ckpt) if self.last_ckpt else None,
-                "replicas": self.replicas, "replicas_identical": self.replicas_identical}
+                "replicas": self.replicas, "replicas_identical": self.replicas_identical, "finished": self.finished,
+                "changed_on_resume": self.changed_on_resume}
 
 
-def _loggers(recipe: Recipe, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger
+def _loggers(recipe: Recipe, run_dir: Path, resume_step: int = 0) -> list[Any]:
+    from ternkit.train.metrics_log import AppendOnlyCSVLogger
 
     out: list[Any] = []
     if recipe.logging.csv:
-        out.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+        out.append(AppendOnlyCSVLogger(run_dir, keep_before=resume_step))
     tb = recipe.logging.tensorboard
     if tb:
         try:
@@ -131,31 +163,40 @@ def _strategy(name: str, cfg: ModelConfig) -> Any:
     return DDPStrategy(broadcast_buffers=False, find_unused_parameters="moe" in cfg.ffn_kinds())
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts (empty when the file is absent)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def resume_changes(ckpt: dict[str, Any], recipe: Recipe) -> dict[str, list[Any]]:
+    """``{"optimizer.lr": [old, new], ...}``: the optimizer, schedule and max_steps settings a resume changes."""
+    hp = ckpt.get("hyper_parameters") or {}
+    now = {"optimizer": recipe.optimizer.model_dump(mode="json"), "schedule": recipe.schedule.model_dump(mode="json")}
+    out: dict[str, list[Any]] = {}
+    for section, values in now.items():
+        old = hp.get(section) or {}
+        for key, new in values.items():
+            before = old.get(key)
+            if isinstance(before, tuple):
+                before = list(before)
+            if key in old and before != new:
+                out[f"{section}.{key}"] = [before, new]
+    if "max_steps" in hp and int(hp["max_steps"]) != recipe.trainer.max_steps:
+        out["trainer.max_steps"] = [int(hp["max_steps"]), recipe.trainer.max_steps]
+    return out
 
 
-@contextlib.contextmanager
-def _merged_metrics(path: Path, old_rows: list[dict[str, str]], resume_step: int) -> Iterator[None]:
-    """On exit (also after an error), write ``old_rows`` logged before ``resume_step`` ahead of the new rows in ``path``."""
+def _is_rank_zero() -> bool:
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
+
+
+def _finished_result(run_dir: Path, ckpt_path: Path, done: int, max_steps: int) -> TrainResult:
+    """The result of resuming a run that already reached its max_steps: its summary, nothing rewritten."""
+    res = TrainResult(run_dir=run_dir, steps=done, resumed_from=str(ckpt_path), last_ckpt=ckpt_path, finished=True)
     try:
-        yield
-    finally:
-        if old_rows and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and int(os.environ.get("NODE_RANK", "0") or 0) == 0:
-            keep = [r for r in old_rows if r.get("step") and int(float(r["step"])) < resume_step]
-            rows = keep + _read_csv(path)
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.merge.tmp")
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, path)
+        old = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    for key in ("train_loss", "val_loss", "val_acc"):
+        if isinstance(old.get(key), (int, float)):
+            setattr(res, key, float(old[key]))
+    res.counts = old.get("counts") or {}
+    return res
 
 
 def _tokenizer_bytes(tok: Any) -> bytes:
@@ -183,9 +224,25 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
           console: Any = None) -> TrainResult:
     """Train the model a recipe describes, writing ``runs/<name>/`` (recipe, tokenizer, checkpoints, logs, summary).
 
-    ``resume``: None (a run folder holding a checkpoint is then refused), ``"auto"`` or a checkpoint
-    path. ``dry_run`` builds data and model, counts parameters by kind and stops.
+    ``resume``: None (a run folder holding a checkpoint is then refused), ``"auto"`` (the folder's
+    newest checkpoint) or a checkpoint path. ``dry_run`` builds data and model, counts parameters
+    by kind and stops. The run folder is locked while the run owns it (a second run into it is
+    refused); SIGINT / SIGTERM save a checkpoint at the end of the step and raise
+    :class:`ternkit.train.guard.RunInterrupted`.
     """
+    from ternkit.train.guard import RunLock, clean_stray_tmp
+    from ternkit.train.preflight import check_before_training
+
+    check_before_training(recipe, dry_run=dry_run)  # GPU, memory, tokenizer file: refused before the folder is touched
+    if dry_run:
+        return _train(recipe, resume, dry_run, progress)
+    with RunLock(recipe.run_dir):
+        clean_stray_tmp(recipe.run_dir)
+        return _train(recipe, resume, dry_run, progress)
+
+
+def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool) -> TrainResult:
+    """:func:`train` inside the run folder's lock."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -193,20 +250,26 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
     from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, ReplicaCheckCallback,
                                         SampleCallback, TelemetryCallback, sample_text)
     from ternkit.train.data import TernkitDataModule
+    from ternkit.train.guard import GracefulStop
     from ternkit.train.module import TernkitLM
     from ternkit.tokenizer import write_text_atomic
 
     _quiet_lightning()
     run_dir = recipe.run_dir
     ckpt_path = resolve_resume(resume, run_dir)
-    if resume is None and not dry_run and (run_dir / "last.ckpt").exists():
-        raise TernkitError(f"{run_dir} already holds a run (last.ckpt); pass --resume auto to continue it, or "
-                           "--set name=<new name> to start another.")
+    held = run_checkpoints(run_dir)
+    if resume is None and not dry_run and held:
+        raise TernkitError(f"{run_dir} already holds a run ({', '.join(p.name for p in held)}); pass --resume auto to "
+                           "continue it, or --set name=<new name> to start another.")
     ckpt_cfg = None
     ckpt_meta: dict[str, Any] = {}
     if ckpt_path is not None:
         ckpt_meta = load_checkpoint(ckpt_path)
         ckpt_cfg = ckpt_meta["ternkit"]["model_config"]
+        done = int(ckpt_meta.get("global_step", 0))
+        if done >= recipe.trainer.max_steps and not dry_run:
+            # Nothing to train: leave the folder (summary, logs, checkpoints) exactly as it is.
+            return _finished_result(run_dir, ckpt_path, done, recipe.trainer.max_steps)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     tok_file = run_dir / "tokenizer.json"
     had_tok = tok_file.is_file()
@@ -242,13 +305,26 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
     result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None)
     if dry_run:
         return result
+    if ckpt_path is not None:
+        result.changed_on_resume = resume_changes(ckpt_meta, recipe)
+        if result.changed_on_resume and _is_rank_zero():
+            shown = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed_on_resume.items())
+            sys.stderr.write(f"resuming {ckpt_path} (step {int(ckpt_meta.get('global_step', 0))}) with changed settings, "
+                             f"which apply from the next step: {shown}\n")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(ckpt_path),
+                                     "step": int(ckpt_meta.get("global_step", 0)),
+                                     "changed": result.changed_on_resume}) + "\n")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     t = recipe.trainer
     every = recipe.checkpoint.every_steps or None
     replicas = ReplicaCheckCallback()
+    stop = GracefulStop(run_dir)
     callbacks: list[Any] = [
+        stop,
         ModelCheckpoint(dirpath=str(run_dir), filename="step{step:07d}", save_last=True, save_top_k=0,
                         every_n_train_steps=every, auto_insert_metric_name=False),
         IntegerStateCallback(),
@@ -264,21 +340,17 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
     if progress:
         callbacks.append(_step_progress_bar()(leave=True))
     val_every = min(t.val_every, t.max_steps) * t.grad_accum
+    resume_step = int(ckpt_meta.get("global_step", 0))
     trainer = L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t.strategy, cfg), precision=t.precision, gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.grad_accum, val_check_interval=val_every, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every,
-        logger=_loggers(recipe, run_dir) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        logger=_loggers(recipe, run_dir, resume_step) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
         deterministic=False,
     )
-    # Lightning's CSV logger deletes metrics.csv when it opens an existing log folder; a resumed run
-    # keeps the history before its resume point and appends the replayed steps after it.
-    metrics_csv = run_dir / "logs" / "metrics.csv"
-    old_metrics = _read_csv(metrics_csv) if ckpt_path is not None else []
-    resume_step = int(ckpt_meta.get("global_step", 0))
-    with warnings.catch_warnings(), _merged_metrics(metrics_csv, old_metrics, resume_step):
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*is an IterableDataset.*")
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__`.*")
@@ -286,8 +358,19 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
         # Lightning's own use of a deprecated torch pytree API: noise the user can do nothing about.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)`? is deprecated.*")
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        if stop.signum is not None:
+            stop.linger()
+            raise stop.error(str(run_dir / "recipe.yaml"))
         last = run_dir / "last.ckpt"
-        trainer.save_checkpoint(str(last), weights_only=False)  # the final step, whatever every_steps was
+        # The final step, whatever every_steps was. Lightning counts a resumed checkpoint's logging step
+        # one on (it expects saves from inside the step, before that counter moves); this save comes
+        # after it moved, so it stores the in-step value: a run extended later logs steps N, N+1, ...
+        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop._batches_that_stepped -= 1
+        try:
+            trainer.save_checkpoint(str(last), weights_only=False, storage_options={"verified": True})
+        finally:
+            epoch_loop._batches_that_stepped += 1
     result.steps = int(trainer.global_step)
     result.train_loss = module.last_train_loss
     metrics = trainer.callback_metrics

@@ -1,0 +1,223 @@
+"""Run folders that survive real life: Ctrl-C and SIGTERM save and exit 130 / 143, one owner per folder, the newest
+checkpoint resumes, a finished run is left alone, stray temporary files are cleaned, logs are append-only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (REPO, assert_one_sentence_error, chdir, read_metrics, sets, snapshot, toy_text_sets,
+                      train_losses)
+
+N_STEPS = 10
+
+# The CLI with every training step slowed down (numerics untouched), so a signal lands mid-run.
+_SLOW_MAIN = """
+import os, sys, time
+from ternkit.train.module import TernkitLM
+
+_orig = TernkitLM.training_step
+
+
+def _slow(self, batch, batch_idx):
+    time.sleep(float(os.environ.get("TERNKIT_TEST_STEP_DELAY", "0")))
+    return _orig(self, batch, batch_idx)
+
+
+TernkitLM.training_step = _slow
+from ternkit.cli.main import main
+
+sys.argv[0] = "ternkit"
+main()
+"""
+
+_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _common(token_cache: Path, name: str) -> list[str]:
+    return (["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, N_STEPS)
+            + sets(f"name={name}", "checkpoint.every_steps=4", "trainer.val_every=5", "logging.telemetry_every=3",
+                   "optimizer.lr=1e-2"))
+
+
+def _start(tmp_path: Path, argv: list[str], delay: float) -> subprocess.Popen[str]:
+    script = tmp_path / "slow_main.py"
+    script.write_text(_SLOW_MAIN)
+    return subprocess.Popen([sys.executable, str(script)] + argv, cwd=tmp_path,
+                            env={**os.environ, **_ENV, "TERNKIT_TEST_STEP_DELAY": str(delay)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(proc: subprocess.Popen[str], metrics: Path, n: int, timeout: float = 180) -> None:
+    """Until ``metrics`` holds ``n`` train/loss rows (training is under way)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (code {proc.returncode}) before the signal:\n{out}\n{err}")
+        try:
+            if metrics.is_file() and len([r for r in read_metrics(metrics.parent.parent) if r.get("train/loss")]) >= n:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the run logged no training step in time")
+
+
+def _rows(run_dir: Path) -> list[tuple[str, ...]]:
+    keys = ("step", "train/loss", "val/loss", "lr")
+    return [tuple(r.get(k, "") for k in keys) for r in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_checkpoint_exits_128_plus_signum_and_resume_matches(sig: int, tmp_path: Path,
+                                                                           token_cache: Path) -> None:
+    ref = subprocess.run([sys.executable, "-m", "ternkit.cli.main"] + _common(token_cache, "a"), cwd=tmp_path,
+                         env={**os.environ, **_ENV}, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp_path, _common(token_cache, "b"), delay=0.4)
+    run_b = tmp_path / "runs" / "b"
+    try:
+        _wait_for_rows(proc, run_b / "logs" / "metrics.csv", 2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1, err
+    name = signal.Signals(sig).name
+    step = int(torch.load(run_b / "last.ckpt", map_location="cpu", weights_only=True)["global_step"])
+    assert 2 <= step < N_STEPS
+    assert f"{name}: training stopped at step {step} and saved {Path('runs') / 'b' / 'last.ckpt'}" in lines[0]
+    assert "--resume auto" in lines[0] and "Traceback" not in err
+    assert not (run_b / "summary.json").exists()  # a cut-short run has no final summary
+    res = subprocess.run([sys.executable, "-m", "ternkit.cli.main", "train", str(run_b / "recipe.yaml"), "--no-progress",
+                          "--resume", "auto"], cwd=tmp_path, env={**os.environ, **_ENV}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    run_a = tmp_path / "runs" / "a"
+    # The whole history, step labels, validation and telemetry rows included, equals the uninterrupted run's.
+    assert _rows(run_b) == _rows(run_a)
+    assert read_metrics(run_b)[0].keys() == read_metrics(run_a)[0].keys()
+    sd_a = torch.load(run_a / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    sd_b = torch.load(run_b / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    for key in sd_a:
+        assert torch.equal(sd_a[key], sd_b[key]), key
+
+
+def test_second_ctrl_c_aborts_without_touching_checkpoints(tmp_path: Path, token_cache: Path) -> None:
+    proc = _start(tmp_path, _common(token_cache, "c"), delay=0.4)
+    run = tmp_path / "runs" / "c"
+    try:
+        t0 = time.monotonic()
+        while not (run / "last.ckpt").is_file() and time.monotonic() - t0 < 180 and proc.poll() is None:
+            time.sleep(0.05)
+        before = snapshot([run / "last.ckpt"])
+        assert before, "no checkpoint was written"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted: aborted at once; checkpoints already on disk are unchanged." in err
+    # The abort came before the stop's own save: the step-4 checkpoint is as it was (or, if the save won the
+    # race, it was replaced atomically by a complete one); no temporary file is left either way.
+    step = int(torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["global_step"])
+    assert step >= 4 and not list(run.glob(".*.tmp"))
+
+
+def test_run_folder_is_locked_while_a_run_owns_it(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  token_cache: Path) -> None:
+    from ternkit.train.guard import RunLock
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "locked"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text("a: 1\n")
+    before = snapshot([run / "recipe.yaml", run / ".lock"])
+    with RunLock(run):
+        res = cli(_common(token_cache, "locked"))
+        msg = assert_one_sentence_error(res)
+        assert f"{Path('runs') / 'locked'} is in use by another ternkit run (pid {os.getpid()})" in msg
+        assert "--set name=<new name>" in msg
+        assert snapshot([run / "recipe.yaml"]) == {k: v for k, v in before.items() if k.name == "recipe.yaml"}
+    # A lock whose owner died (here: released) is free again: the same command trains.
+    assert cli(_common(token_cache, "locked")).code == 0
+
+
+def test_resume_auto_takes_the_newest_checkpoint_and_a_fresh_run_is_refused(cli, monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path, token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = _common(token_cache, "best") + sets("trainer.max_steps=6", "trainer.val_every=3")
+    assert cli(argv).code == 0
+    run = tmp_path / "runs" / "best"
+    (run / "last.ckpt").unlink()  # only best.ckpt is left (step 3 or 6, whichever validated lower)
+    best_step = int(torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)["global_step"])
+    before = snapshot([run / "best.ckpt", run / "logs" / "metrics.csv"])
+    res = cli(argv)
+    msg = assert_one_sentence_error(res)
+    assert "already holds a run (best.ckpt)" in msg and "--resume auto" in msg
+    assert snapshot(list(before)) == before
+    res = cli(argv + ["--resume", "auto", "--json"])
+    assert res.code == 0, res.text
+    assert f'"resumed_from": "{Path("runs") / "best" / "best.ckpt"}"' in res.out
+    # The history before the resume point is kept; the replayed steps come after it.
+    assert sorted(train_losses(run)) == list(range(6)) and best_step in (3, 6)
+
+
+def test_resuming_a_finished_run_changes_nothing(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = _common(token_cache, "done") + sets("trainer.max_steps=4")
+    assert cli(argv).code == 0
+    run = tmp_path / "runs" / "done"
+    files = [run / n for n in ("last.ckpt", "summary.json", "recipe.yaml", "tokenizer.json")] + [run / "logs" / "metrics.csv"]
+    before = snapshot(files)
+    res = cli(argv + ["--resume", "auto"])
+    assert res.code == 0, res.text
+    assert "already finished at step 4" in " ".join(res.out.split())
+    assert snapshot(files) == before
+
+
+def test_stray_tmp_files_are_cleaned_at_the_next_start(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                       token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "tmp"
+    (run / "logs").mkdir(parents=True)
+    strays = [run / ".last.ckpt.abc123.tmp", run / "logs" / ".metrics.csv.99.tmp"]
+    for p in strays:
+        p.write_bytes(b"half a file")
+    keep = run / "notes.tmp"  # not one of ternkit's hidden temporaries
+    keep.write_text("mine")
+    assert cli(_common(token_cache, "tmp") + sets("trainer.max_steps=2")).code == 0
+    assert not any(p.exists() for p in strays) and keep.read_text() == "mine"
+
+
+def test_append_only_log_keeps_rows_before_the_resume_point(tmp_path: Path) -> None:
+    from ternkit.train.metrics_log import AppendOnlyCSVLogger
+
+    log = AppendOnlyCSVLogger(tmp_path)
+    for step in range(6):
+        log.log_metrics({"train/loss": 1.0 + step}, step=step)
+    log.log_metrics({"val/loss": 9.0}, step=5)  # a new column widens the header in place
+    text = (tmp_path / "logs" / "metrics.csv").read_text()
+    assert text.splitlines()[0] == "step,train/loss,val/loss"
+    # A resumed run at step 4: rows 4 and 5 are the checkpoint's future and are logged again by the replay.
+    log2 = AppendOnlyCSVLogger(tmp_path, keep_before=4)
+    log2.log_metrics({"train/loss": 5.0}, step=4)
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    assert steps == ["0", "1", "2", "3", "4"]
+    assert not list((tmp_path / "logs").glob(".*.tmp"))
