@@ -24,7 +24,7 @@ from typing import Any, Iterable, Literal, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ternkit.errors import TernkitError
+from ternkit.errors import TernkitError, read_utf8
 from ternkit.models.config import PROJECTIONS, ModelConfig, MoEConfig
 from ternkit.quant.spec import TernarySpec
 from ternkit.schema import Section, model_in, one_sentence
@@ -552,17 +552,8 @@ _NO_CONSTRUCTOR = re.compile(r"could not determine a constructor for the tag '([
 
 def _read_recipe_text(path: Path, source: str) -> str:
     """The text of the recipe file ``path`` (shown as ``source``); TernkitError when unreadable or not UTF-8."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TernkitError(f"cannot read recipe '{source}': {exc.strerror or exc}; check the path and its "
-                           "permissions.") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise TernkitError(f"recipe '{source}' is not UTF-8 text (byte {exc.start}, 0x{data[exc.start]:02x}, on line "
-                           f"{line}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {source} > fixed.yaml).") from None
+    return read_utf8(path, f"recipe '{source}'", "check the path and its permissions.",
+                     f"save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {source} > fixed.yaml).")
 
 
 def _parse_recipe_text(text: str, source: str) -> Any:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
-from ternkit.errors import TernkitError
+from ternkit.errors import TernkitError, read_utf8
 
 __all__ = [
     "Tok",
@@ -133,8 +133,13 @@ class HFTokenizer:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (utf-8) to ``path`` through a temporary file and a rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk leaves a partial temporary file: remove it (and free its space) before reporting.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _is_byte_json(obj: dict) -> bool:
@@ -157,17 +162,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tok:
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise TernkitError(f"tokenizer file '{p}' not found; point tokenizer.path at a tokenizer.json or a folder holding one.")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise TernkitError(f"cannot read tokenizer file '{p}' ({exc.strerror or type(exc).__name__}); check its "
-                           "permissions or use another tokenizer.json.") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TernkitError(f"tokenizer file '{p}' is not UTF-8 text (byte {exc.start}, 0x{data[exc.start]:02x}), so it "
-                           "is not a tokenizer.json; replace it with a Hugging Face tokenizer.json (for a trained model, "
-                           "the one in its run folder).") from None
+    text = read_utf8(p, f"tokenizer file '{p}'", "check its permissions or use another tokenizer.json.",
+                     "it is not a tokenizer.json: replace it with a Hugging Face tokenizer.json (for a trained "
+                     "model, the one in its run folder).")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

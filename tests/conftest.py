@@ -21,6 +21,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Runs the CLI with every training step slowed down (numerics untouched), so that the test can kill
+# the process between two checkpoints instead of racing a run that finishes in a second.
+SLOW_MAIN = """
+import os, sys, time
+from ternkit.train.module import TernkitLM
+
+_orig = TernkitLM.training_step
+_delay = float(os.environ.get("TERNKIT_TEST_STEP_DELAY", "0"))
+
+
+def _slow(self, batch, batch_idx):
+    time.sleep(_delay)
+    return _orig(self, batch, batch_idx)
+
+
+TernkitLM.training_step = _slow
+from ternkit.cli.main import main
+
+sys.argv[0] = "ternkit"
+main()
+"""
+
+
 def sets(*items: str) -> list[str]:
     """``--set`` flags for each ``key=value`` item."""
     out: list[str] = []

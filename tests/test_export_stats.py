@@ -225,3 +225,28 @@ def test_stats_moe_on_moe_model_and_refused_elsewhere(cli, toy_moe_run: Path, to
     assert blk["load_imbalance"] >= 1.0
     msg = assert_one_sentence_error(cli(["stats", str(toy_run / "last.ckpt"), "--moe"]))
     assert "no MoE" in msg
+
+
+def test_a_flipped_bit_in_an_export_is_refused_by_its_content_hash(cli, exports: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import assert_one_sentence_error, snapshot
+
+    from ternkit.export import content_digest, load_packed
+
+    d = tmp_path / "flipped"
+    shutil.copytree(exports["2bit"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    assert cfg["content_sha256"] == content_digest(load_file(str(d / "model.safetensors")))
+    load_packed(d)  # intact: loads
+    weights = d / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # one bit in the last tensor's bytes (the header is at the front)
+    weights.write_bytes(bytes(data))
+    before = snapshot([weights, d / "config.json"])
+    for argv in (["generate", str(d), "def ", "--max-new-tokens", "4"], ["stats", str(d)]):
+        msg = assert_one_sentence_error(cli(argv))
+        assert "failed its integrity check" in msg and "export the checkpoint again" in msg, msg
+    assert snapshot(list(before)) == before

@@ -14,32 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli_subprocess, sets, toy_text_sets, train_losses
+from conftest import REPO, SLOW_MAIN, read_metrics, run_cli_subprocess, sets, toy_text_sets, train_losses
 
 N_STEPS = 12
 EVERY = 4
 
-# Runs the CLI with every training step slowed down (numerics untouched), so that the test can kill
-# the process between two checkpoints instead of racing a run that finishes in a second.
-_SLOW_MAIN = """
-import os, sys, time
-from ternkit.train.module import TernkitLM
-
-_orig = TernkitLM.training_step
-_delay = float(os.environ.get("TERNKIT_TEST_STEP_DELAY", "0"))
-
-
-def _slow(self, batch, batch_idx):
-    time.sleep(_delay)
-    return _orig(self, batch, batch_idx)
-
-
-TernkitLM.training_step = _slow
-from ternkit.cli.main import main
-
-sys.argv[0] = "ternkit"
-main()
-"""
 
 
 def _global_step(path: Path) -> int | None:
@@ -70,7 +49,7 @@ def _kill_after_checkpoint(proc: subprocess.Popen[str], last: Path, min_step: in
 @pytest.mark.parametrize("variant", ["stc", pytest.param("group", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_matches_uninterrupted(variant: str, tmp_path: Path, token_cache: Path) -> None:
     script = tmp_path / "slow_main.py"
-    script.write_text(_SLOW_MAIN)
+    script.write_text(SLOW_MAIN)
     # The group variant also accumulates 2 micro-batches per step: the data position is then 2 * global_step.
     extra = sets("quant.scale=group", "trainer.grad_accum=2") if variant == "group" else []
     common = (["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, N_STEPS) + extra

@@ -13,30 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, assert_one_sentence_error, chdir, read_metrics, sets, snapshot, toy_text_sets,
+from conftest import (REPO, SLOW_MAIN, assert_one_sentence_error, chdir, read_metrics, sets, snapshot, toy_text_sets,
                       train_losses)
 
 N_STEPS = 10
 
-# The CLI with every training step slowed down (numerics untouched), so a signal lands mid-run.
-_SLOW_MAIN = """
-import os, sys, time
-from ternkit.train.module import TernkitLM
-
-_orig = TernkitLM.training_step
-
-
-def _slow(self, batch, batch_idx):
-    time.sleep(float(os.environ.get("TERNKIT_TEST_STEP_DELAY", "0")))
-    return _orig(self, batch, batch_idx)
-
-
-TernkitLM.training_step = _slow
-from ternkit.cli.main import main
-
-sys.argv[0] = "ternkit"
-main()
-"""
 
 _ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -49,7 +30,7 @@ def _common(token_cache: Path, name: str) -> list[str]:
 
 def _start(tmp_path: Path, argv: list[str], delay: float) -> subprocess.Popen[str]:
     script = tmp_path / "slow_main.py"
-    script.write_text(_SLOW_MAIN)
+    script.write_text(SLOW_MAIN)
     return subprocess.Popen([sys.executable, str(script)] + argv, cwd=tmp_path,
                             env={**os.environ, **_ENV, "TERNKIT_TEST_STEP_DELAY": str(delay)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
