@@ -8,6 +8,7 @@ built from :class:`Section`: unknown keys are errors, assignments are re-validat
 
 from __future__ import annotations
 
+import re
 import types
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -118,6 +119,49 @@ def _lookup(raw: Any, path: str) -> Any:
     return cur
 
 
+#: Error types a validator raises; at a section's location they come from a check that spans its keys.
+_SPANNING_ERRORS = {"value_error", "assertion_error"}
+
+
+def _mentions(text: str, key: str, section: str) -> bool:
+    """Whether the error ``text`` names the dotted ``key``, in full or relative to ``section`` (``d_model``)."""
+    rel = key[len(section) + 1:] if section and key.startswith(section + ".") else key
+    return any(re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", text) for name in (key, rel))
+
+
+def _section_keys(path: str, annotation: Any) -> list[str]:
+    """The dotted keys of the fields of the section at ``path`` whose type is ``annotation``."""
+    section = model_in(annotation)
+    return [f"{path}.{f}" if path else f for f in (section.model_fields if section is not None else ())]
+
+
+def _blame(overridden: dict[str, str], path: str, text: str, spanning: Any, raw: Any,
+           source: str) -> str:
+    """Who an error at ``path`` is blamed on: ``--set`` overrides (joined by "and") or the recipe ``source``.
+
+    An override of the key itself or of a section above it is blamed. A validator of a whole
+    section (``spanning`` is its annotation, else None) checks several keys together, e.g. that
+    d_model divides by n_heads: every override inside the section that its sentence names is
+    blamed, so that two interacting ``--set`` are both shown, and keys it names that come from the
+    file are added as "(with KEY from SOURCE)"; when it names no override, the file is blamed.
+    """
+    above = [p for p in overridden if path == p or path.startswith(p + ".")]
+    if above:
+        return f"--set {overridden[above[0]]}"
+    inside = [p for p in overridden if p.startswith(path + ".") or (not path and spanning is not None)]
+    if not inside:
+        return source
+    if spanning is None:
+        return f"--set {overridden[inside[0]]}"
+    keys = _section_keys(path, spanning)
+    named = [p for p in inside if _mentions(text, p, path)]
+    from_file = [k for k in keys if k not in overridden and _mentions(text, k, path) and _lookup(raw, k) is not None]
+    if not named and any(_mentions(text, k, path) for k in keys):
+        return source  # it names only keys the overrides did not touch: the file's values are at fault
+    where = " and ".join(f"--set {overridden[p]}" for p in named or inside)  # naming no key: every override
+    return where + (f" (with {', '.join(from_file)} from {source})" if from_file else "")
+
+
 def one_sentence(exc: ValidationError, root: type[BaseModel], raw: Any, source: str,
                  overridden: dict[str, str] | None = None, prefix: str = "") -> str:
     """Turn a pydantic ValidationError of ``root`` into one sentence naming the key and what it must be.
@@ -151,9 +195,8 @@ def one_sentence(exc: ValidationError, root: type[BaseModel], raw: Any, source: 
         else:
             got = _lookup(raw, path) if path else raw
             text = f"'{shown}' must be {describe(annotation)}, got {got!r}"
-        where = next((f"--set {overridden[p]}" for p in overridden
-                      if path == p or path.startswith(p + ".") or p.startswith(path + ".")), None)
-        seen[path] = f"{where or source}: {text}"
+        where = _blame(overridden, path, text, annotation if etype in _SPANNING_ERRORS else None, raw, source)
+        seen[path] = f"{where}: {text}"
     first = next(iter(seen.values()))
     more = len(seen) - 1
     first = first.rstrip(".")

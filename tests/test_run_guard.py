@@ -202,3 +202,19 @@ def test_append_only_log_keeps_rows_before_the_resume_point(tmp_path: Path) -> N
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == ["0", "1", "2", "3", "4"]
     assert not list((tmp_path / "logs").glob(".*.tmp"))
+
+
+def test_full_disk_while_logging_is_one_sentence(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 token_cache: Path) -> None:
+    import errno
+
+    import ternkit.train.metrics_log as ml
+
+    monkeypatch.chdir(tmp_path)
+
+    def full(self: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ml._AppendWriter, "save", full)
+    msg = assert_one_sentence_error(cli(_common(token_cache, "full") + sets("trainer.max_steps=2")))
+    assert "is full (No space left on device)" in msg and "--resume auto" in msg

@@ -294,3 +294,18 @@ def test_parameter_counts_integer_state_is_persistent_integer_tensors() -> None:
                    for m in (up, down))
     assert counts["integer_state"] == expected  # votes, packed trits, exponents, accumulators, step; no trit cache
     assert counts["ternary"] == up.in_features * up.out_features + down.in_features * down.out_features
+
+
+def test_no_terminal_gets_plain_progress_lines_and_throughput_in_metrics(cli, monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path, token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 4)
+              + sets("name=plain", "trainer.log_every=2"))
+    assert res.code == 0, res.text
+    lines = [ln for ln in res.err.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 2/4", "step 4/4", "step 4/4"], res.err
+    assert "loss " in lines[0] and "tok/s" in lines[0] and lines[-1].startswith("step 4/4 | val loss ")
+    rows = read_metrics(tmp_path / "runs" / "plain")
+    tps = [float(r["perf/tokens_per_s"]) for r in rows if r.get("perf/tokens_per_s")]
+    assert tps and all(t > 0 for t in tps)
+    assert any(r.get("perf/wall_s") for r in rows) and any(r.get("perf/step_s") for r in rows)

@@ -21,7 +21,8 @@ def train_cmd(
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (the run's last.ckpt if any) or a checkpoint path."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe as YAML and stop."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build data and model, print parameter counts by kind, stop."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar (logs still go to the run folder)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="A plain line on stderr every trainer.log_every steps "
+                                     "instead of the live bar (what a pipe or a log file gets anyway)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON at the end."),
 ) -> None:
     """Train a ternary model from a recipe; writes runs/<name>/ (recipe, tokenizer, checkpoints, logs)."""
@@ -32,7 +33,7 @@ def train_cmd(
     if print_config:
         console.print(r.to_yaml(), end="", highlight=False, markup=False, soft_wrap=True)
         return
-    res = train(r, resume=resume, dry_run=dry_run, progress=not no_progress)
+    res = train(r, resume=resume, dry_run=dry_run, progress="plain" if no_progress else True)
     if dry_run:
         t = Table(title=f"{r.name}: parameters by kind")
         t.add_column("kind")

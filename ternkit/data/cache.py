@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Any, Iterator, Sequence, TYPE_CHECKING
 
 import numpy as np
 
-from ternkit.errors import TernkitError
+from ternkit.errors import TernkitError, is_disk_full
 from ternkit.tokenizer import ByteTokenizer, Tok, build_tokenizer, load_tokenizer, write_text_atomic
 
 from ternkit.data.sources import fingerprint, hash_int, text_source
@@ -89,13 +90,23 @@ def _encode_docs(tok: Tok, docs: Sequence[str], dtype: np.dtype) -> Iterator[np.
 
 
 def _write_tokens(path: Path, arrays: Iterator[np.ndarray]) -> int:
+    """Write the token ``arrays`` one after another to ``path`` through a temporary file; returns the token count.
+
+    A failed write removes the temporary file and leaves ``path`` as it was.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     n = 0
-    with open(tmp, "wb") as fh:
-        for a in arrays:
-            a.tofile(fh)
-            n += a.size
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            for a in arrays:
+                # Through the file object, not ndarray.tofile: its C-level writes bypass Python's error
+                # reporting (a full disk surfaces as a bare "N requested and M written").
+                fh.write(np.ascontiguousarray(a).data)
+                n += a.size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return n
 
 
@@ -118,6 +129,63 @@ def _cached(directory: Path) -> dict[str, Any] | None:
         f = directory / f"{split}.bin"
         if not f.is_file() or f.stat().st_size != item * int(meta.get(f"{split}_tokens", -1)):
             return None
+    return meta
+
+
+def _cache_write_failed(err: OSError, directory: Path) -> str:
+    """The sentence for a token cache ``directory`` that could not be written."""
+    reason = err.strerror or type(err).__name__
+    if is_disk_full(err):
+        fix = "free some disk space or point data.cache_dir at a disk with room"
+    else:
+        fix = "point data.cache_dir at a folder you can write to"
+    return (f"could not write the token cache {directory} ({reason}), so nothing was trained and the partial cache "
+            f"was removed: {fix}, then run again.")
+
+
+def _build_cache(directory: Path, fp: str, tok: Tok, docs: list[str], val_mask: np.ndarray | None,
+                 val_fraction: float, description: str) -> dict[str, Any]:
+    """Tokenize ``docs`` into ``directory`` (train.bin, val.bin, tokenizer.json, then meta.json); returns the meta.
+
+    meta.json, written last and atomically, is what marks a cache complete. A failed write (full
+    disk, no permission) removes what this build wrote and raises one :class:`TernkitError`
+    sentence, so a later run rebuilds the cache instead of reading a partial one.
+    """
+    made = not directory.exists()
+    written = [directory / name for name in ("meta.json", "train.bin", "val.bin", "tokenizer.json")]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # A meta.json here describes files that did not match it (else the cache was reused):
+        # drop it first, so that a build that stops half-way never leaves a complete-looking cache.
+        (directory / "meta.json").unlink(missing_ok=True)
+        dtype = np.dtype(np.uint16 if tok.vocab_size < 65536 else np.uint32)
+        if val_mask is not None:
+            n_train = _write_tokens(directory / "train.bin", _encode_docs(tok, [d for d, v in zip(docs, val_mask) if not v], dtype))
+            n_val = _write_tokens(directory / "val.bin", _encode_docs(tok, [d for d, v in zip(docs, val_mask) if v], dtype))
+            split = "document"
+        else:
+            stream = np.concatenate(list(_encode_docs(tok, docs, dtype)))
+            cut = int(round(stream.size * (1 - val_fraction)))
+            n_train = _write_tokens(directory / "train.bin", iter([stream[:cut]]))
+            n_val = _write_tokens(directory / "val.bin", iter([stream[cut:]]))
+            split = "stream"
+        meta = {
+            "version": _CACHE_VERSION, "fingerprint": fp, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id, "tokenizer_kind": tok.kind, "source": description, "split": split,
+            "documents": len(docs), "val_documents": int(val_mask.sum()) if val_mask is not None else 0,
+            "chars": sum(len(d) for d in docs), "train_tokens": n_train, "val_tokens": n_val,
+        }
+        tok.save(directory)
+        write_text_atomic(directory / "meta.json", json.dumps(meta, indent=1))  # last: marks a complete cache
+    except OSError as err:
+        # Free the space this build took (the disk may be full) and leave no partial token files.
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise TernkitError(_cache_write_failed(err, directory)) from None
     return meta
 
 
@@ -152,7 +220,10 @@ def prepare_text_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir:
             tok = load_tokenizer(tok_dir)
         else:
             docs, val_mask = load_docs()
-            tok = build_tokenizer(tok_cfg, train_texts(docs, val_mask), tok_dir)
+            try:
+                tok = build_tokenizer(tok_cfg, train_texts(docs, val_mask), tok_dir)
+            except OSError as err:  # tokenizer.json is written atomically: nothing half-written stays
+                raise TernkitError(_cache_write_failed(err, tok_dir)) from None
         tok_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
     elif tok_cfg.kind == "byte":
         tok = ByteTokenizer()
@@ -168,26 +239,7 @@ def prepare_text_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir:
     if meta is None:
         if docs is None:
             docs, val_mask = load_docs()
-        directory.mkdir(parents=True, exist_ok=True)
-        dtype = np.dtype(np.uint16 if tok.vocab_size < 65536 else np.uint32)
-        if val_mask is not None:
-            n_train = _write_tokens(directory / "train.bin", _encode_docs(tok, [d for d, v in zip(docs, val_mask) if not v], dtype))
-            n_val = _write_tokens(directory / "val.bin", _encode_docs(tok, [d for d, v in zip(docs, val_mask) if v], dtype))
-            split = "document"
-        else:
-            stream = np.concatenate(list(_encode_docs(tok, docs, dtype)))
-            cut = int(round(stream.size * (1 - data_cfg.val_fraction)))
-            n_train = _write_tokens(directory / "train.bin", iter([stream[:cut]]))
-            n_val = _write_tokens(directory / "val.bin", iter([stream[cut:]]))
-            split = "stream"
-        meta = {
-            "version": _CACHE_VERSION, "fingerprint": fp, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "tokenizer_kind": tok.kind, "source": source.description, "split": split,
-            "documents": len(docs), "val_documents": int(val_mask.sum()) if val_mask is not None else 0,
-            "chars": sum(len(d) for d in docs), "train_tokens": n_train, "val_tokens": n_val,
-        }
-        tok.save(directory)
-        write_text_atomic(directory / "meta.json", json.dumps(meta, indent=1))  # last: marks a complete cache
+        meta = _build_cache(directory, fp, tok, docs, val_mask, data_cfg.val_fraction, source.description)
     if int(meta["train_tokens"]) == 0:
         raise TernkitError(f"the data source ({source.description}) tokenized to an empty training split; add more text.")
     return TokenData(

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TYPE_CHECKING
 
-from ternkit.errors import TernkitError
+from ternkit.errors import TernkitError, is_disk_full
 
 if TYPE_CHECKING:  # annotations only: the recipe schema imports nothing from here
     from ternkit.recipe import DataConfig
 
-__all__ = ["TextSource", "expand_paths", "fingerprint", "hash_int", "stdlib_files", "text_source"]
+__all__ = ["TextSource", "expand_paths", "fingerprint", "first_non_utf8", "hash_int", "stdlib_files", "text_source"]
 
 def hash_int(*parts: Any) -> int:
     """A stable 63-bit integer hash of ``parts`` (Python's ``hash`` is salted per process)."""
@@ -147,6 +147,63 @@ def _column(ds: Any, text_field: str, what: str) -> Iterator[str]:
             yield val
 
 
+def first_non_utf8(path: Path, chunk: int = 1 << 20) -> tuple[int, int, int] | None:
+    """(byte offset, byte value, line number) of the first byte of ``path`` that is not UTF-8, or None if all are.
+
+    Reads ``chunk`` bytes at a time, so a large file is scanned in bounded memory.
+    """
+    base = 0  # file offset of buf[0]
+    lines = 0  # newlines before buf[0]
+    buf = b""
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            buf += block
+            try:
+                buf.decode("utf-8")
+                good = len(buf)
+            except UnicodeDecodeError as exc:
+                if block and exc.end == len(buf) and exc.reason == "unexpected end of data":
+                    good = exc.start  # a character cut by the chunk boundary: decide with the next chunk
+                else:
+                    return base + exc.start, buf[exc.start], lines + buf.count(b"\n", 0, exc.start) + 1
+            if not block:
+                return None
+            lines += buf.count(b"\n", 0, good)
+            base += good
+            buf = buf[good:]
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (datasets wraps the real one)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _unreadable_data_file(path: Path, builder: str, exc: BaseException, hf_cache: Path) -> str:
+    """The sentence for a data file ``datasets`` could not load: not UTF-8, a full disk, or a malformed file."""
+    full = next((e for e in _causes(exc) if is_disk_full(e)), None)
+    if full is not None:
+        return (f"could not cache data file '{path}' in {hf_cache} ({full.strerror or 'disk full'}); free some disk "
+                "space or point data.cache_dir at a disk with room, then run again.")
+    if builder != "parquet":  # text, JSON and CSV must be UTF-8; only now, on the error path, scan for the byte
+        try:
+            bad = first_non_utf8(path)
+        except OSError as err:
+            return f"cannot read data file '{path}' ({err.strerror or type(err).__name__}); check its permissions."
+        if bad is not None:
+            offset, value, line = bad
+            return (f"data file '{path}' is not UTF-8 text (byte {offset}, 0x{value:02x}, on line {line}); convert it "
+                    f"to UTF-8 (e.g. iconv -f latin1 -t utf-8 '{path}' > converted{path.suffix}) or drop it from "
+                    "data.paths.")
+    return (f"could not read data file '{path}' as {builder} ({type(exc).__name__}: {exc}); fix the file or its "
+            "extension.")
+
+
 def _files_source(cfg: DataConfig, cache_dir: Path) -> TextSource:
     files = expand_paths(cfg.paths)
     if cfg.max_files:
@@ -162,7 +219,7 @@ def _files_source(cfg: DataConfig, cache_dir: Path) -> TextSource:
                     ds = datasets.load_dataset(builder, data_files=[str(p)], split="train",
                                                cache_dir=str(cache_dir / "hf"), **kwargs)
                 except Exception as exc:  # datasets raises many types for a malformed file
-                    raise TernkitError(f"could not read data file '{p}' as {builder} ({type(exc).__name__}: {exc}); fix the file or its extension.") from None
+                    raise TernkitError(_unreadable_data_file(p, builder, exc, cache_dir / "hf")) from None
                 yield from _column(ds, "text" if builder == "text" else cfg.text_field, f"data file '{p}'")
         return _cap(read(), cfg.max_chars, None)
 

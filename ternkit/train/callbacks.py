@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -14,7 +15,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-__all__ = ["IntegerStateCallback", "TelemetryCallback", "AtomicCheckpointIO", "ReplicaCheckCallback", "SampleCallback",
+from ternkit.errors import TernkitError, is_disk_full
+
+__all__ = ["IntegerStateCallback", "TelemetryCallback", "PlainProgress", "AtomicCheckpointIO", "ReplicaCheckCallback", "SampleCallback",
            "telemetry", "step_integer_state", "replica_state", "replica_digests", "sample_text"]
 
 
@@ -202,6 +205,62 @@ class SampleCallback(L.Callback):
         pl_module.print(f"--- sample at step {step} ---\n{text}")
 
 
+class PlainProgress(L.Callback):
+    """One plain line on stderr every ``every`` optimizer steps and after each validation (no terminal needed).
+
+    For logs that are not a terminal (nohup, a pipe, a scheduler's log file), where a live progress
+    bar shows nothing until the end: ``step 200/800 | loss 1.4521 | lr 1.85e-03 | 51,230 tok/s | 0:01:12``.
+    """
+
+    def __init__(self, every: int, max_steps: int, stream: Any = None) -> None:
+        self.every = max(int(every), 1)
+        self.max_steps = int(max_steps)
+        self.stream = stream
+        self._t0 = 0.0
+        self._last: tuple[float, int] | None = None  # (time, step) of the previous line
+
+    def _write(self, text: str) -> None:
+        import sys
+
+        out = self.stream or sys.stderr
+        out.write(text + "\n")
+        out.flush()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+        self._last = (self._t0, int(trainer.global_step))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import time
+
+        step = int(trainer.global_step)
+        if not trainer.is_global_zero or step % self.every or (self._last is not None and self._last[1] == step):
+            return
+        now = time.perf_counter()
+        t_prev, s_prev = self._last or (self._t0, 0)
+        tokens = int(batch[0].numel()) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1) * trainer.world_size
+        tps = tokens * (step - s_prev) / max(now - t_prev, 1e-9)
+        self._last = (now, step)
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        loss = getattr(pl_module, "last_train_loss", float("nan"))
+        self._write(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                    f"{_clock(now - self._t0)}")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        val = trainer.callback_metrics.get("val/loss")
+        if trainer.is_global_zero and val is not None and not trainer.sanity_checking:
+            self._write(f"step {int(trainer.global_step)}/{self.max_steps} | val loss {float(val):.4f}")
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss of a duration."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, fsyncs, then renames it into place.
 
@@ -218,15 +277,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._pending: tuple[Path, Path] | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (last.ckpt held back until verified, see the class).
+
+        A failed write (full disk, read-only folder) raises one :class:`TernkitError` sentence naming
+        the checkpoint and the one kept; the held-back last.ckpt is dropped then, so no ``.tmp`` stays.
+        """
         path = Path(path)
-        if path.name == "last.ckpt" and not (storage_options or {}).get("verified"):
-            pending = path.with_name(f".{path.name}.unverified.tmp")
-            _write_atomic(checkpoint, pending)
-            self._pending = (pending, path)
-            return
-        if path.name == "last.ckpt":
+        try:
+            if path.name == "last.ckpt" and not (storage_options or {}).get("verified"):
+                pending = path.with_name(f".{path.name}.unverified.tmp")
+                _write_atomic(checkpoint, pending, shown=path)
+                self._pending = (pending, path)
+                return
+            if path.name == "last.ckpt":
+                self.discard()
+            _write_atomic(checkpoint, path)
+        except TernkitError:
+            # The held-back last.ckpt was never verified, and on a full disk its space is better freed:
+            # the checkpoint the sentence names as intact is the one already in place.
             self.discard()
-        _write_atomic(checkpoint, path)
+            raise
 
     def promote(self) -> None:
         """The step after the held-back last.ckpt was finite: put it in place."""
@@ -243,10 +313,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             self._pending = None
 
 
-def _write_atomic(checkpoint: dict[str, Any], path: Path) -> None:
-    """torch.save ``checkpoint`` to ``path`` through a fsynced temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_atomic(checkpoint: dict[str, Any], path: Path, shown: Path | None = None) -> None:
+    """torch.save ``checkpoint`` to ``path`` through a fsynced temporary file in the same folder and a rename.
+
+    An ``OSError`` (full disk, no permission) removes the temporary file and becomes one
+    :class:`TernkitError` sentence naming the checkpoint as ``shown`` (default ``path``).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise TernkitError(_write_failed(err, shown or path, checkpoint)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(checkpoint, fh)
@@ -256,7 +333,44 @@ def _write_atomic(checkpoint: dict[str, Any], path: Path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is as readable as any file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise TernkitError(_write_failed(err, shown or path, checkpoint)) from None
         raise
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The global_step stored in the checkpoint ``path`` (None when it cannot be read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable or not ours: the sentence just leaves the step out
+        return None
+
+
+def _write_failed(err: OSError, path: Path, checkpoint: dict[str, Any]) -> str:
+    """The sentence for a checkpoint ``path`` that could not be written: what failed, what is kept, what to do."""
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    at = f" at step {step}" if isinstance(step, int) else ""
+    reason = err.strerror or type(err).__name__
+    folder = path.parent
+    # Every write goes through a temporary file and a rename, so whatever checkpoint is in place is whole.
+    kept = sorted((p for p in folder.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")),
+                  key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
+    if is_disk_full(err):
+        fix = f"free some disk space on the disk holding {folder}"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {folder} writable (or point checkpoint.dir at a folder you can write to)"
+    else:
+        fix = f"check the disk holding {folder}"
+    recipe = folder / "recipe.yaml"
+    again = f"ternkit train {recipe} --resume auto" if recipe.is_file() else "the same ternkit train command with --resume auto"
+    if kept:
+        prev = kept[-1]
+        prev_step = _checkpoint_step(prev)
+        shown = f"{prev} (step {prev_step})" if prev_step is not None else str(prev)
+        return (f"could not write checkpoint {path}{at} ({reason}), so training stopped; the previous checkpoint "
+                f"{shown} is intact: {fix}, then continue with {again}.")
+    return (f"could not write checkpoint {path}{at} ({reason}), so training stopped before any checkpoint was kept: "
+            f"{fix}, then start again with {again}.")

@@ -157,6 +157,12 @@ class TernkitLM(L.LightningModule):
         if self._t_last is not None:
             dt = max(now - self._t_last, 1e-9)
             self.log("tok/s", ntok * self.trainer.world_size / dt, prog_bar=True, on_step=True, logger=False)
+            # Throughput in the run's own log (the time since the previous micro-batch, validation included).
+            self.log("perf/tokens_per_s", ntok * self.trainer.world_size / dt, on_step=True)
+            self.log("perf/step_s", dt, on_step=True)
+        else:
+            self._t_first = now
+        self.log("perf/wall_s", now - getattr(self, "_t_first", now), on_step=True)
         self._t_last = now
         self.last_train_loss = float(ce.detach())
         diverged = self._watch_divergence(ce.detach(), batch_idx)

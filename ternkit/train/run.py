@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ternkit.errors import TernkitError
+from ternkit.errors import TernkitError, is_disk_full
 from ternkit.models.config import ModelConfig
 from ternkit.recipe import Recipe
 
@@ -220,13 +220,15 @@ def _step_progress_bar() -> type:
     return StepProgressBar
 
 
-def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, progress: bool = True,
+def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, progress: bool | str = True,
           console: Any = None) -> TrainResult:
     """Train the model a recipe describes, writing ``runs/<name>/`` (recipe, tokenizer, checkpoints, logs, summary).
 
     ``resume``: None (a run folder holding a checkpoint is then refused), ``"auto"`` (the folder's
     newest checkpoint) or a checkpoint path. ``dry_run`` builds data and model, counts parameters
-    by kind and stops. The run folder is locked while the run owns it (a second run into it is
+    by kind and stops. ``progress``: True (a live bar on a terminal, plain lines on stderr every
+    ``trainer.log_every`` steps otherwise), ``"plain"`` (always plain lines) or False (nothing).
+    The run folder is locked while the run owns it (a second run into it is
     refused); SIGINT / SIGTERM save a checkpoint at the end of the step and raise
     :class:`ternkit.train.guard.RunInterrupted`.
     """
@@ -238,17 +240,25 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
         return _train(recipe, resume, dry_run, progress)
     with RunLock(recipe.run_dir):
         clean_stray_tmp(recipe.run_dir)
-        return _train(recipe, resume, dry_run, progress)
+        try:
+            return _train(recipe, resume, dry_run, progress)
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            # A log, summary or recipe write hit a full disk (checkpoint writes say so themselves).
+            raise TernkitError(f"the disk holding {recipe.run_dir} is full ({err.strerror or 'no space left'}), so "
+                               "training stopped; the checkpoints already written are intact: free some space, then "
+                               f"continue with ternkit train {recipe.run_dir / 'recipe.yaml'} --resume auto.") from None
 
 
-def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool) -> TrainResult:
+def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | str) -> TrainResult:
     """:func:`train` inside the run folder's lock."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from ternkit.checkpoint import load_checkpoint
-    from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, ReplicaCheckCallback,
-                                        SampleCallback, TelemetryCallback, sample_text)
+    from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, PlainProgress,
+                                        ReplicaCheckCallback, SampleCallback, TelemetryCallback, sample_text)
     from ternkit.train.data import TernkitDataModule
     from ternkit.train.guard import GracefulStop
     from ternkit.train.module import TernkitLM
@@ -337,8 +347,11 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool) ->
                                          enable_version_counter=False))
     if t.sample_every > 0 and dm.tokenizer is not None:
         callbacks.append(SampleCallback(t.sample_every, dm.tokenizer, t.sample_prompt, t.sample_tokens, recipe.seed))
-    if progress:
+    bar = progress is True and sys.stdout.isatty()
+    if bar:
         callbacks.append(_step_progress_bar()(leave=True))
+    elif progress:
+        callbacks.append(PlainProgress(t.log_every, t.max_steps))
     val_every = min(t.val_every, t.max_steps) * t.grad_accum
     resume_step = int(ckpt_meta.get("global_step", 0))
     trainer = L.Trainer(
@@ -347,7 +360,7 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool) ->
         accumulate_grad_batches=t.grad_accum, val_check_interval=val_every, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every,
         logger=_loggers(recipe, run_dir, resume_step) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
+        enable_progress_bar=bar, enable_model_summary=False, default_root_dir=str(run_dir),
         deterministic=False,
     )
     with warnings.catch_warnings():
