@@ -165,12 +165,16 @@ class OptimizerConfig(Section):
                                     "(AdamW; the schedule scales it like every other LR)")
     ternary_weight_decay: float | None = Field(None, ge=0.0, description="weight decay of the latent ternary "
                                                "weights (null = weight_decay)")
+    ternary_lr_max: float | None = Field(None, gt=0.0, description="cap on the latent ternary weights' peak LR "
+                                         "(lr * ternary_lr_scale): above about 2e-3 they flip too often to train "
+                                         "(8 blocks at lr 3e-3, BENCHMARKS.md); null = no cap")
 
     @model_validator(mode="after")
     def _ternary_group_needs_adamw(self) -> "OptimizerConfig":
-        if self.name != "adamw" and (self.ternary_lr_scale != 1.0 or self.ternary_weight_decay is not None):
-            raise ValueError("ternary_lr_scale and ternary_weight_decay apply to optimizer.name=adamw only; "
-                             "use adamw or leave them unset")
+        if self.name != "adamw" and (self.ternary_lr_scale != 1.0 or self.ternary_weight_decay is not None
+                                     or self.ternary_lr_max is not None):
+            raise ValueError("ternary_lr_scale, ternary_lr_max and ternary_weight_decay apply to optimizer.name=adamw "
+                             "only; use adamw or leave them unset")
         return self
 
 

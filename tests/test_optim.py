@@ -101,3 +101,15 @@ def test_resume_applies_the_recipes_new_lr_and_records_it(cli, monkeypatch, tmp_
     assert summary["changed_on_resume"]["trainer.max_steps"] == [4, 8]
     (entry,) = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     assert entry["step"] == 4 and entry["changed"]["optimizer.lr"] == [0.01, 0.002]
+
+
+def test_ternary_lr_max_caps_the_latent_weights_peak_lr() -> None:
+    from ternkit.modules.linear import TernaryLinear
+
+    m = _Tiny()
+    m.hidden = TernaryLinear(8, 8, bias=True, scale="per_row")
+    for lr, want in ((3e-3, 2e-3), (1e-3, 1e-3)):
+        opt = build_optimizer(m, "adamw", lr, 0.1, ternary_lr_max=2e-3)
+        (tern,) = [g for g in opt.param_groups if "lr_scale" in g]  # a group of its own even when uncapped
+        assert tern["lr"] == pytest.approx(want) and tern["params"][0] is m.hidden.weight
+        assert all(g["lr"] == lr for g in opt.param_groups if "lr_scale" not in g)

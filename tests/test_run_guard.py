@@ -218,3 +218,57 @@ def test_full_disk_while_logging_is_one_sentence(cli, monkeypatch: pytest.Monkey
     monkeypatch.setattr(ml._AppendWriter, "save", full)
     msg = assert_one_sentence_error(cli(_common(token_cache, "full") + sets("trainer.max_steps=2")))
     assert "is full (No space left on device)" in msg and "--resume auto" in msg
+
+
+def test_square_brackets_in_values_and_paths_reach_the_sentence_intact(cli) -> None:
+    # rich markup would eat "[5]" or "[such]" (or crash on "[/x]") if the message were printed as markup.
+    msg = assert_one_sentence_error(cli(["train", "mlstm_stc", "--set", "trainer.max_steps=[5]", "--dry-run"]))
+    assert "got [5]" in msg
+    msg = assert_one_sentence_error(cli(["train", "/tmp/no[such]/x[/y].yaml"]))
+    assert "/tmp/no[such]/x[/y].yaml" in msg
+
+
+def test_a_resumed_run_keeps_writing_last_ckpt_and_refuses_new_optimizer_groups(cli, monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path, token_cache: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    # every_steps > max_steps: the first run's only checkpoint is the final one, which names no last_model_path.
+    argv = _common(token_cache, "ext") + sets("trainer.max_steps=2", "checkpoint.every_steps=3")
+    assert cli(argv).code == 0
+    run = tmp_path / "runs" / "ext"
+    before = snapshot([run / "last.ckpt", run / "logs" / "metrics.csv"])
+    # Without the cap the latent ternary weights would share the float matrices' group: another layout.
+    res = cli(argv + sets("trainer.max_steps=8", "optimizer.ternary_lr_max=null") + ["--resume", "auto"])
+    msg = assert_one_sentence_error(res)
+    assert "other optimizer parameter groups" in msg and "optimizer.ternary_lr_max 0.002 -> None" in msg
+    assert snapshot(list(before)) == before
+    # Extended from its final checkpoint (which carries no last_model_path), the run's step checkpoints still
+    # go to last.ckpt, not to a versioned last-v1.ckpt that --resume auto would never see.
+    proc = _start(tmp_path, argv[:3] + argv[3:] + sets("trainer.max_steps=8") + ["--resume", "auto"], delay=0.3)
+    try:
+        _wait_for_rows(proc, run / "logs" / "metrics.csv", 7)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            step = int(torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["global_step"])
+            if step >= 6:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert step >= 6 and not list(run.glob("last-v*.ckpt"))
+
+
+def test_a_row_cut_off_mid_write_is_dropped_when_the_log_reopens(tmp_path: Path) -> None:
+    from ternkit.train.metrics_log import AppendOnlyCSVLogger
+
+    log = AppendOnlyCSVLogger(tmp_path)
+    for step in range(3):
+        log.log_metrics({"train/loss": 1.0 + step}, step=step)
+    path = tmp_path / "logs" / "metrics.csv"
+    path.write_bytes(path.read_bytes() + b"3,4.0")  # half a row, no newline
+    log2 = AppendOnlyCSVLogger(tmp_path, keep_before=3)
+    log2.log_metrics({"train/loss": 4.5}, step=3)
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == [("0", "1.0"), ("1", "2.0"), ("2", "3.0"),
+                                                                              ("3", "4.5")]

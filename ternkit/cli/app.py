@@ -42,9 +42,9 @@ def user_errors(fn: F) -> F:
             label = "[bold red]error:[/]" if code == 2 else "[yellow]interrupted:[/]"
             err_console.print(f"{label} {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=code) from None
-        except (KeyboardInterrupt, RunAborted):
+        except (KeyboardInterrupt, RunAborted) as err:
             err_console.print("[yellow]interrupted:[/] aborted at once; checkpoints already on disk are unchanged.")
-            raise typer.Exit(code=130) from None
+            raise typer.Exit(code=128 + int(getattr(err, "signum", 2))) from None
 
     return wrapper  # type: ignore[return-value]
 

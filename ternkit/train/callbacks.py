@@ -289,9 +289,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 _write_atomic(checkpoint, pending, shown=path)
                 self._pending = (pending, path)
                 return
-            if path.name == "last.ckpt":
-                self.discard()
             _write_atomic(checkpoint, path)
+            if path.name == "last.ckpt":
+                self.discard()  # only now: until the new file is in place, the held-back one may be the newest
         except TernkitError:
             # The held-back last.ckpt was never verified, and on a full disk its space is better freed:
             # the checkpoint the sentence names as intact is the one already in place.

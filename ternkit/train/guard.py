@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
@@ -23,7 +24,7 @@ import lightning as L
 
 from ternkit.errors import RunAborted, TernkitError
 
-__all__ = ["RunLock", "clean_stray_tmp", "GracefulStop", "RunInterrupted", "RunAborted", "LOCK_FILE"]
+__all__ = ["RunLock", "clean_stray_tmp", "is_rank_zero", "recover_held_back", "GracefulStop", "RunInterrupted", "RunAborted", "LOCK_FILE"]
 
 LOCK_FILE = ".lock"
 
@@ -33,9 +34,16 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 
-def _is_rank_zero() -> bool:
-    """True in the process that owns the run folder: rank 0 of a (possibly) distributed launch."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "GROUP_RANK")
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the run folder: global rank 0 of a (possibly) distributed launch.
+
+    Reads the launchers' variables (torchrun: RANK, LOCAL_RANK, GROUP_RANK; Lightning: NODE_RANK,
+    LOCAL_RANK; SLURM: SLURM_PROCID), so every other rank of the same run leaves the folder alone.
+    """
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in _RANK_VARS)
 
 
 class RunLock:
@@ -53,7 +61,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise :class:`TernkitError` when another live process holds it."""
-        if fcntl is None or not _is_rank_zero():
+        if fcntl is None or not is_rank_zero():
             return self
         try:
             self._created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
@@ -64,7 +72,10 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)  # a file system without flock (some network mounts): run unlocked, as before
+                return self
             try:
                 owner = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             finally:
@@ -99,8 +110,41 @@ class RunLock:
         self.release()
 
 
+HELD_BACK = ".last.ckpt.unverified.tmp"
+
+
+def recover_held_back(run_dir: Path) -> Path | None:
+    """Put a held-back last.ckpt in place when it is newer than last.ckpt (the run was killed before its next step).
+
+    A kill is no evidence against it (a NaN would have discarded it), and it may be up to
+    ``checkpoint.every_steps`` steps ahead. An unreadable or older one is left for :func:`clean_stray_tmp`.
+    """
+    import torch
+
+    held, last = Path(run_dir) / HELD_BACK, Path(run_dir) / "last.ckpt"
+    if not held.is_file():
+        return None
+
+    def step(p: Path) -> int | None:
+        try:
+            return int(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        except Exception:
+            return None
+
+    s_held = step(held)
+    s_last = step(last) if last.is_file() else -1
+    if s_held is None or (s_last is not None and s_held <= s_last):
+        return None
+    os.replace(held, last)
+    return last
+
+
 def clean_stray_tmp(run_dir: Path) -> list[Path]:
-    """Delete the ``.*.tmp`` files in ``run_dir`` and ``run_dir/logs`` (left by a killed write); returns them."""
+    """Delete the ``.*.tmp`` files in ``run_dir`` and ``run_dir/logs`` (left by a killed write); returns them.
+
+    A held-back last.ckpt newer than last.ckpt is put in place first (:func:`recover_held_back`).
+    """
+    recover_held_back(run_dir)
     gone = []
     for folder in (Path(run_dir), Path(run_dir) / "logs"):
         if not folder.is_dir():
@@ -140,8 +184,10 @@ class GracefulStop(L.Callback):
     step) tell the caller what happened; :meth:`error` builds the user's one line.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, val_every: int = 0, max_steps: int = 0) -> None:
         self.run_dir = Path(run_dir)
+        self.val_every = int(val_every)
+        self.max_steps = int(max_steps)
         self.signum: int | None = None
         self.saved: tuple[Path, int] | None = None
         self._previous: dict[int, Any] = {}
@@ -186,13 +232,19 @@ class GracefulStop(L.Callback):
         accum = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         if (batch_idx + 1) % accum:
             return  # mid-accumulation: the step is not complete yet
+        step = int(trainer.global_step)
+        if self.max_steps and step >= self.max_steps:
+            return  # the last step: the run finishes (and saves) as it would have
         path = self.run_dir / "last.ckpt"
         trainer.save_checkpoint(str(path), weights_only=False, storage_options={"verified": True})
-        self.saved = (path, int(trainer.global_step))
+        self.saved = (path, step)
         trainer.should_stop = True
+        scheduled = self.val_every > 0 and step % self.val_every == 0
         loop = trainer.fit_loop.epoch_loop
-        if hasattr(loop, "_skip_next_val"):
-            loop._skip_next_val = True  # a stop is not a validation point: the resumed run validates where it would
+        if not scheduled and hasattr(loop, "_skip_next_val"):
+            # Lightning validates when a run stops early; an uninterrupted run would not validate here, and
+            # the resumed one will not either. A scheduled validation runs, as it would have.
+            loop._skip_next_val = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -200,12 +252,15 @@ class GracefulStop(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
 
-    def error(self, recipe_arg: str = "RECIPE") -> RunInterrupted:
-        """The :class:`RunInterrupted` to raise once ``fit`` has returned after a signal."""
-        assert self.signum is not None
-        name = signal.Signals(self.signum).name
+    def error(self, recipe_arg: str = "RECIPE", signum: int | None = None) -> RunInterrupted:
+        """The :class:`RunInterrupted` to raise once ``fit`` has returned after a signal (``signum``: this one)."""
+        signum = int(signum if signum is not None else self.signum or signal.SIGTERM)
+        name = signal.Signals(signum).name
         if self.saved is None:
-            return RunInterrupted(f"{name}: training stopped before a step completed; nothing new was saved.", self.signum)
+            last = self.run_dir / "last.ckpt"
+            kept = f"{last} is as it was" if last.is_file() else "no checkpoint was written yet"
+            return RunInterrupted(f"{name}: training stopped before this process completed a step, so nothing new was "
+                                  f"saved ({kept}); continue it with ternkit train {recipe_arg} --resume auto.", signum)
         path, step = self.saved
         return RunInterrupted(f"{name}: training stopped at step {step} and saved {path}; continue it with "
-                              f"ternkit train {recipe_arg} --resume auto.", self.signum)
+                              f"ternkit train {recipe_arg} --resume auto.", signum)

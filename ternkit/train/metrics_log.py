@@ -64,6 +64,12 @@ class _AppendWriter(ExperimentWriter):
         self._fs = get_filesystem(log_dir)
         os.makedirs(log_dir, exist_ok=True)
         path = Path(self.metrics_file_path)
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a row cut off by a full disk or a kill: drop the fragment
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(data[: data.rfind(b"\n") + 1])
+                os.replace(tmp, path)
         header, rows = read_metrics(path)
         kept = [r for r in rows if (_step_of(r) is None or _step_of(r) < keep_before)]
         if len(kept) != len(rows):

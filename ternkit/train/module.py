@@ -23,8 +23,8 @@ __all__ = ["TernkitLM", "NonFiniteLossError", "DivergenceError", "DivergenceMoni
 
 
 #: Optimizer-group settings that come from the recipe (restored over a checkpoint's by ``on_train_start``).
-_RECIPE_GROUP_KEYS = ("initial_lr", "betas", "eps", "base_wd", "lr_scale", "momentum", "nesterov", "ns_coefficients",
-                      "ns_steps", "adjust_lr_fn")
+_RECIPE_GROUP_KEYS = ("initial_lr", "betas", "eps", "weight_decay", "base_wd", "lr_scale", "momentum", "nesterov",
+                      "ns_coefficients", "ns_steps", "adjust_lr_fn")
 
 
 def _np_state_to_safe(state: tuple[Any, ...]) -> dict[str, Any]:
@@ -232,7 +232,8 @@ class TernkitLM(L.LightningModule):
         """AdamW or Muon+AdamW with warmup + cosine (optionally BitNet two-stage) stepped every optimizer step."""
         o, s = self.opt_cfg, self.sched_cfg
         opt = build_optimizer(self.model, o.name, o.lr, o.weight_decay, tuple(o.betas), eps=o.eps, momentum=o.momentum,
-                              ternary_lr_scale=o.ternary_lr_scale, ternary_weight_decay=o.ternary_weight_decay)
+                              ternary_lr_scale=o.ternary_lr_scale, ternary_weight_decay=o.ternary_weight_decay,
+                              ternary_lr_max=o.ternary_lr_max)
         max_steps = int(self.hparams.max_steps)
 
         def factor(step: int) -> float:

@@ -12,16 +12,16 @@ __all__ = ["param_groups", "build_optimizer", "lr_factor", "weight_decay_factor"
 
 
 def param_groups(model: nn.Module, weight_decay: float, ternary_lr_scale: float = 1.0,
-                 ternary_weight_decay: float | None = None) -> list[dict[str, Any]]:
+                 ternary_weight_decay: float | None = None, separate_ternary: bool = False) -> list[dict[str, Any]]:
     """AdamW groups: matrices (>= 2-D, not embeddings) decay; vectors, norms, gates' biases and embeddings don't.
 
-    With ``ternary_lr_scale != 1`` or a ``ternary_weight_decay``, the latent weights of ternary
-    layers get a group of their own (``lr_scale``: its LR is ``lr * ternary_lr_scale``).
+    With ``ternary_lr_scale != 1``, a ``ternary_weight_decay`` or ``separate_ternary``, the latent
+    weights of ternary layers get a group of their own (``lr_scale``: its LR is ``lr * ternary_lr_scale``).
     """
     from ternkit.modules.linear import latent_ternary_layers
 
     tern_ids: set[int] = set()
-    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None:
+    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None or separate_ternary:
         tern_ids = {id(m.weight) for m in latent_ternary_layers(model).values()}
     decay, no_decay, tern = [], [], []
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -91,19 +91,24 @@ class MuonWithAdamW(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     momentum: float = 0.95, ternary_lr_scale: float = 1.0,
-                    ternary_weight_decay: float | None = None) -> torch.optim.Optimizer:
+                    ternary_weight_decay: float | None = None,
+                    ternary_lr_max: float | None = None) -> torch.optim.Optimizer:
     """AdamW (``name="adamw"``) or Muon for hidden matrices + AdamW for the rest (``name="muon"``).
 
-    ``eps`` is AdamW's; ``momentum`` is Muon's; ``ternary_lr_scale`` / ``ternary_weight_decay``
-    give the latent ternary weights their own AdamW group (:func:`param_groups`; AdamW only).
+    ``eps`` is AdamW's; ``momentum`` is Muon's; ``ternary_lr_scale`` / ``ternary_weight_decay`` /
+    ``ternary_lr_max`` (a cap on ``lr * ternary_lr_scale``) give the latent ternary weights their
+    own AdamW group (:func:`param_groups`; AdamW only).
     """
     if name == "adamw":
-        groups = param_groups(model, weight_decay, ternary_lr_scale, ternary_weight_decay)
+        if ternary_lr_max is not None:
+            ternary_lr_scale = min(ternary_lr_scale, ternary_lr_max / lr)
+        groups = param_groups(model, weight_decay, ternary_lr_scale, ternary_weight_decay,
+                              separate_ternary=ternary_lr_max is not None)
         for g in groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None:
-        raise ValueError("optimizer.ternary_lr_scale and ternary_weight_decay apply to adamw only")
+    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None or ternary_lr_max is not None:
+        raise ValueError("optimizer.ternary_lr_scale, ternary_lr_max and ternary_weight_decay apply to adamw only")
     if name == "muon":
         emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         head = getattr(model, "head", None)

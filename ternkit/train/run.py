@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -181,8 +182,45 @@ def resume_changes(ckpt: dict[str, Any], recipe: Recipe) -> dict[str, list[Any]]
     return out
 
 
+def _optimizer_layout(o: dict[str, Any]) -> tuple[str, bool]:
+    """(optimizer name, whether latent ternary weights get a group of their own) of an optimizer section."""
+    own = (float(o.get("ternary_lr_scale", 1.0)) != 1.0 or o.get("ternary_weight_decay") is not None
+           or o.get("ternary_lr_max") is not None)
+    return str(o.get("name", "adamw")), own
+
+
+def _check_same_optimizer_layout(ckpt: dict[str, Any], recipe: Recipe, ckpt_path: Path) -> None:
+    """Refuse a resume whose optimizer settings change its parameter groups (the state cannot be carried over)."""
+    old = (ckpt.get("hyper_parameters") or {}).get("optimizer") or {}
+    new = recipe.optimizer.model_dump(mode="json")
+    if not old or _optimizer_layout(old) == _optimizer_layout(new):
+        return
+    keys = [k for k in ("name", "ternary_lr_scale", "ternary_weight_decay", "ternary_lr_max")
+            if old.get(k, new[k] if k != "name" else "adamw") != new[k]]
+    shown = ", ".join(f"optimizer.{k} {old.get(k)!r} -> {new[k]!r}" for k in keys)
+    raise TernkitError(f"{ckpt_path} was trained with other optimizer parameter groups ({shown}), whose state a resume "
+                       "cannot carry over; keep the run's own values, or start a new run with --set name=<new name>.")
+
+
 def _is_rank_zero() -> bool:
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
+    from ternkit.train.guard import is_rank_zero
+
+    return is_rank_zero()
+
+
+def _save_final(trainer: Any, last: Path) -> None:
+    """Write ``last`` (at once, not held back) after ``fit`` returned.
+
+    Lightning counts a resumed checkpoint's logging step one on (it expects saves from inside the
+    step, before that counter moves); this save comes after it moved, so it stores the in-step
+    value: a run extended later logs steps N, N+1, ... with no gap.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop._batches_that_stepped -= 1
+    try:
+        trainer.save_checkpoint(str(last), weights_only=False, storage_options={"verified": True})
+    finally:
+        epoch_loop._batches_that_stepped += 1
 
 
 def _finished_result(run_dir: Path, ckpt_path: Path, done: int, max_steps: int) -> TrainResult:
@@ -239,7 +277,8 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
     if dry_run:
         return _train(recipe, resume, dry_run, progress)
     with RunLock(recipe.run_dir):
-        clean_stray_tmp(recipe.run_dir)
+        if _is_rank_zero():
+            clean_stray_tmp(recipe.run_dir)
         try:
             return _train(recipe, resume, dry_run, progress)
         except OSError as err:
@@ -260,6 +299,8 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
     from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, PlainProgress,
                                         ReplicaCheckCallback, SampleCallback, TelemetryCallback, sample_text)
     from ternkit.train.data import TernkitDataModule
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from ternkit.train.guard import GracefulStop
     from ternkit.train.module import TernkitLM
     from ternkit.tokenizer import write_text_atomic
@@ -317,6 +358,7 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
         return result
     if ckpt_path is not None:
         result.changed_on_resume = resume_changes(ckpt_meta, recipe)
+        _check_same_optimizer_layout(ckpt_meta, recipe, ckpt_path)
         if result.changed_on_resume and _is_rank_zero():
             shown = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed_on_resume.items())
             sys.stderr.write(f"resuming {ckpt_path} (step {int(ckpt_meta.get('global_step', 0))}) with changed settings, "
@@ -332,11 +374,14 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
     t = recipe.trainer
     every = recipe.checkpoint.every_steps or None
     replicas = ReplicaCheckCallback()
-    stop = GracefulStop(run_dir)
+    stop = GracefulStop(run_dir, val_every=min(recipe.trainer.val_every, recipe.trainer.max_steps),
+                        max_steps=recipe.trainer.max_steps)
     callbacks: list[Any] = [
         stop,
+        # No version counter: a resumed run whose checkpoint carries no last_model_path must still write
+        # last.ckpt (Lightning would pick last-v1.ckpt, which --resume auto and the NaN hold-back never see).
         ModelCheckpoint(dirpath=str(run_dir), filename="step{step:07d}", save_last=True, save_top_k=0,
-                        every_n_train_steps=every, auto_insert_metric_name=False),
+                        every_n_train_steps=every, auto_insert_metric_name=False, enable_version_counter=False),
         IntegerStateCallback(),
         TelemetryCallback(recipe.logging.telemetry_every),
         replicas,
@@ -370,20 +415,21 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         # Lightning's own use of a deprecated torch pytree API: noise the user can do nothing about.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)`? is deprecated.*")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-        if stop.signum is not None:
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        except SIGTERMException:
+            # SIGTERM before our handlers were in place (set-up, or under DDP): Lightning stops with a bare
+            # SystemExit, which a scheduler would read as success.
+            raise stop.error(str(run_dir / "recipe.yaml"), signal.SIGTERM) from None
+        last = run_dir / "last.ckpt"
+        finished = int(trainer.global_step) >= t.max_steps
+        if stop.signum is not None and (stop.saved is not None or not finished):
+            if stop.saved is None and int(trainer.global_step) > resume_step:  # stopped where no step ended
+                _save_final(trainer, last)
+                stop.saved = (last, int(trainer.global_step))
             stop.linger()
             raise stop.error(str(run_dir / "recipe.yaml"))
-        last = run_dir / "last.ckpt"
-        # The final step, whatever every_steps was. Lightning counts a resumed checkpoint's logging step
-        # one on (it expects saves from inside the step, before that counter moves); this save comes
-        # after it moved, so it stores the in-step value: a run extended later logs steps N, N+1, ...
-        epoch_loop = trainer.fit_loop.epoch_loop
-        epoch_loop._batches_that_stepped -= 1
-        try:
-            trainer.save_checkpoint(str(last), weights_only=False, storage_options={"verified": True})
-        finally:
-            epoch_loop._batches_that_stepped += 1
+        _save_final(trainer, last)  # the final step, whatever every_steps was
     result.steps = int(trainer.global_step)
     result.train_loss = module.last_train_loss
     metrics = trainer.callback_metrics
