@@ -53,6 +53,13 @@ def _wait_for_rows(proc: subprocess.Popen[str], metrics: Path, n: int, timeout: 
     pytest.fail("the run logged no training step in time")
 
 
+def _trained(cli, argv: list[str], run: Path) -> Path:
+    """Train ``argv`` in-process (it must succeed) and return its run folder ``run``."""
+    res = cli(argv)
+    assert res.code == 0, res.text
+    return run
+
+
 def _rows(run_dir: Path) -> list[tuple[str, ...]]:
     keys = ("step", "train/loss", "val/loss", "lr")
     return [tuple(r.get(k, "") for k in keys) for r in read_metrics(run_dir)]
@@ -143,8 +150,7 @@ def test_resume_auto_takes_the_newest_checkpoint_and_a_fresh_run_is_refused(cli,
                                                                             tmp_path: Path, token_cache: Path) -> None:
     monkeypatch.chdir(tmp_path)
     argv = _common(token_cache, "best") + sets("trainer.max_steps=6", "trainer.val_every=3")
-    assert cli(argv).code == 0
-    run = tmp_path / "runs" / "best"
+    run = _trained(cli, argv, tmp_path / "runs" / "best")
     (run / "last.ckpt").unlink()  # only best.ckpt is left (step 3 or 6, whichever validated lower)
     best_step = int(torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)["global_step"])
     before = snapshot([run / "best.ckpt", run / "logs" / "metrics.csv"])
@@ -233,8 +239,7 @@ def test_a_resumed_run_keeps_writing_last_ckpt_and_refuses_new_optimizer_groups(
     monkeypatch.chdir(tmp_path)
     # every_steps > max_steps: the first run's only checkpoint is the final one, which names no last_model_path.
     argv = _common(token_cache, "ext") + sets("trainer.max_steps=2", "checkpoint.every_steps=3")
-    assert cli(argv).code == 0
-    run = tmp_path / "runs" / "ext"
+    run = _trained(cli, argv, tmp_path / "runs" / "ext")
     before = snapshot([run / "last.ckpt", run / "logs" / "metrics.csv"])
     # Without the cap the latent ternary weights would share the float matrices' group: another layout.
     res = cli(argv + sets("trainer.max_steps=8", "optimizer.ternary_lr_max=null") + ["--resume", "auto"])
