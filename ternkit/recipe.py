@@ -118,6 +118,12 @@ class DataConfig(Section):
     parity: ParityConfig = Field(default_factory=ParityConfig)
     mqar: MqarConfig = Field(default_factory=MqarConfig)
 
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, v: Any) -> Any:
+        # `paths: corpus/*.txt` (or --set data.paths=corpus.txt) means a list of one.
+        return [v] if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _source_needs(self) -> "DataConfig":
         if self.source == "files" and not self.paths:

@@ -309,3 +309,16 @@ def test_no_terminal_gets_plain_progress_lines_and_throughput_in_metrics(cli, mo
     tps = [float(r["perf/tokens_per_s"]) for r in rows if r.get("perf/tokens_per_s")]
     assert tps and all(t > 0 for t in tps)
     assert any(r.get("perf/wall_s") for r in rows) and any(r.get("perf/step_s") for r in rows)
+
+
+def test_warmup_longer_than_the_run_gets_a_note_and_one_path_is_a_list(cli, monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path, token_cache: Path) -> None:
+    from ternkit.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 2)
+              + sets("name=warm", "schedule.warmup_steps=50"))
+    assert res.code == 0, res.text
+    assert "note: schedule.warmup_steps (50) is more than trainer.max_steps (2)" in " ".join(res.err.split())
+    r = load_recipe("mlstm_stc", overrides=["data.source=files", "data.paths=corpus/*.txt"])
+    assert r.data.paths == ["corpus/*.txt"]

@@ -8,6 +8,7 @@ corpus is tokenized, the run folder is created or a tensor is allocated.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ternkit.errors import TernkitError
@@ -75,6 +76,16 @@ def estimated_vocab_size(recipe: Recipe, tokenizer: Any = None) -> int:
     return 256
 
 
+def setting_notes(recipe: Recipe) -> list[str]:
+    """Sentences about settings that are valid but almost certainly not what was meant (printed, not refused)."""
+    notes = []
+    warm, steps = recipe.schedule.warmup_steps, recipe.trainer.max_steps
+    if warm > steps:
+        notes.append(f"schedule.warmup_steps ({warm}) is more than trainer.max_steps ({steps}), so the LR never "
+                     f"reaches optimizer.lr; lower schedule.warmup_steps (e.g. --set schedule.warmup_steps={max(steps // 10, 1)}).")
+    return notes
+
+
 def check_before_training(recipe: Recipe, dry_run: bool = False) -> int:
     """Refuse, in one sentence, a run this machine cannot start; returns the estimated parameter count.
 
@@ -83,6 +94,8 @@ def check_before_training(recipe: Recipe, dry_run: bool = False) -> int:
     weights for a dry run or a GPU run (the model is built in this machine's memory first), and
     weights, gradients and optimizer state for a run on the CPU.
     """
+    for line in setting_notes(recipe):
+        sys.stderr.write(f"note: {line}\n")
     tokenizer = None
     if recipe.tokenizer.kind == "file" and not recipe.data.synthetic:
         from ternkit.tokenizer import load_tokenizer
