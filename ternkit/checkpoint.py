@@ -11,8 +11,8 @@ from torch import nn
 
 from ternkit.errors import TernkitError
 
-__all__ = ["config_from_stored", "load_checkpoint", "model_from_checkpoint", "model_from_config",
-           "other_checkpoints", "state_dict_mismatch", "use_another"]
+__all__ = ["RUN_CHECKPOINTS", "checkpoint_step", "config_from_stored", "load_checkpoint", "model_from_checkpoint",
+           "model_from_config", "other_checkpoints", "state_dict_mismatch", "use_another"]
 
 
 def config_from_stored(cfg: Any, source: str | Path, fix: str | Callable[[], str] = "use another checkpoint") -> Any:
@@ -61,8 +61,16 @@ def model_from_config(cfg: dict[str, Any], source: str | Path = "model config") 
     return XLSTMLM(config)
 
 
-#: Checkpoints a run folder holds by these names, offered first as alternatives to a broken one.
-_RUN_CHECKPOINTS = ("last.ckpt", "best.ckpt")
+#: Checkpoints a run folder holds by these names (besides step*.ckpt), offered first as alternatives to a broken one.
+RUN_CHECKPOINTS = ("last.ckpt", "best.ckpt")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global_step stored in the checkpoint ``path`` (memory-mapped, not loaded whole); None when unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable, truncated or not ours: the callers treat it as "no step known"
+        return None
 
 
 def other_checkpoints(path: str | Path) -> list[Path]:
@@ -78,7 +86,7 @@ def other_checkpoints(path: str | Path) -> list[Path]:
                  if p.is_file() and not p.name.startswith(".") and p.resolve() != same and zipfile.is_zipfile(p)]
     except OSError:  # an unreadable folder offers nothing
         return []
-    named = [p for n in _RUN_CHECKPOINTS for p in found if p.name == n]
+    named = [p for n in RUN_CHECKPOINTS for p in found if p.name == n]
     # step0000012.ckpt: zero-padded, so the names sort by step.
     steps = sorted((p for p in found if p.name.startswith("step") and p not in named), key=lambda p: p.name,
                    reverse=True)

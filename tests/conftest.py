@@ -9,9 +9,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -60,6 +61,52 @@ def toy_text_sets(cache_dir: Path | str, steps: int = 4) -> list[str]:
         f"trainer.val_every={steps}", "trainer.val_batches=2", "trainer.log_every=1", "trainer.sample_tokens=4",
         "schedule.warmup_steps=1", "logging.tensorboard=false", "trainer.accelerator=cpu", "trainer.devices=1",
     )
+
+
+def toy_train_argv(cache_dir: Path | str, steps: int, *items: str) -> list[str]:
+    """``train mlstm_stc --no-progress`` at toy size for ``steps`` steps, plus ``--set`` for each item."""
+    return ["train", "mlstm_stc", "--no-progress"] + toy_text_sets(cache_dir, steps) + sets(*items)
+
+
+#: One intra-op thread per CLI process: runs that share the cores keep every CPU reduction in one fixed
+#: order (bit-identical runs), and the repo on the path.
+ONE_THREAD_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def slow_cli_script(cwd: Path) -> Path:
+    """``cwd/slow_main.py``: the CLI with every training step slowed down by $TERNKIT_TEST_STEP_DELAY seconds."""
+    script = cwd / "slow_main.py"
+    script.write_text(SLOW_MAIN)
+    return script
+
+
+def wait_for(proc: subprocess.Popen[str], check: Callable[[], Any], what: str, timeout: float = 180) -> Any:
+    """Poll ``check()`` every 50 ms while ``proc`` runs; its first truthy value, or a test failure naming ``what``.
+
+    ``proc`` ending first fails with its output (and ``check`` errors count as "not yet": files
+    are being written while we read them); the timeout kills ``proc``.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (code {proc.returncode}) before {what}:\n{out}\n{err}")
+        try:
+            value = check()
+        except (OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def start_slow_cli(cwd: Path, argv: list[str], delay: float) -> subprocess.Popen[str]:
+    """``ternkit ARGV`` in ``cwd`` as a background process, each training step ``delay`` seconds slower."""
+    return subprocess.Popen([sys.executable, str(slow_cli_script(cwd))] + argv, cwd=cwd,
+                            env={**os.environ, **ONE_THREAD_ENV, "TERNKIT_TEST_STEP_DELAY": str(delay)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @dataclass

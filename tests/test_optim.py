@@ -82,11 +82,11 @@ def test_ternary_latent_weights_get_their_own_lr_and_weight_decay() -> None:
 def test_resume_applies_the_recipes_new_lr_and_records_it(cli, monkeypatch, tmp_path, token_cache) -> None:
     import json
 
-    from conftest import read_metrics, sets, toy_text_sets
+    from conftest import read_metrics, sets, toy_train_argv
 
     monkeypatch.chdir(tmp_path)
-    base = ["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 4) + sets(
-        "name=lr", "optimizer.lr=1e-2", "optimizer.two_stage=false", "schedule.kind=constant", "schedule.warmup_steps=0")
+    base = toy_train_argv(token_cache, 4, "name=lr", "optimizer.lr=1e-2", "optimizer.two_stage=false",
+                          "schedule.kind=constant", "schedule.warmup_steps=0")
     assert cli(base).code == 0
     res = cli(base + sets("trainer.max_steps=8", "optimizer.lr=2e-3") + ["--resume", "auto"])
     assert res.code == 0, res.text

@@ -7,63 +7,44 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SLOW_MAIN, read_metrics, run_cli_subprocess, sets, toy_text_sets, train_losses
+from conftest import (ONE_THREAD_ENV, read_metrics, run_cli_subprocess, sets, slow_cli_script, start_slow_cli,
+                      toy_train_argv, train_losses, wait_for)
+
+from ternkit.checkpoint import checkpoint_step
 
 N_STEPS = 12
 EVERY = 4
 
 
 
-def _global_step(path: Path) -> int | None:
-    """global_step of a checkpoint, or None while it is absent or unreadable."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:
-        return None
-
-
 def _kill_after_checkpoint(proc: subprocess.Popen[str], last: Path, min_step: int, timeout: float = 240) -> int:
     """SIGKILL ``proc`` once ``last`` holds a checkpoint at step >= ``min_step``; returns that step."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"run B ended (code {proc.returncode}) before it could be killed:\n{out}\n{err}")
-        step = _global_step(last) if last.exists() else None
-        if step is not None and step >= min_step:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            return step
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("run B wrote no checkpoint in time")
+    def reached() -> int | None:
+        step = checkpoint_step(last) if last.exists() else None
+        return step if step is not None and step >= min_step else None
+
+    step = wait_for(proc, reached, f"a checkpoint at step >= {min_step}", timeout)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return step
 
 
 @pytest.mark.parametrize("variant", ["stc", pytest.param("group", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_matches_uninterrupted(variant: str, tmp_path: Path, token_cache: Path) -> None:
-    script = tmp_path / "slow_main.py"
-    script.write_text(SLOW_MAIN)
     # The group variant also accumulates 2 micro-batches per step: the data position is then 2 * global_step.
-    extra = sets("quant.scale=group", "trainer.grad_accum=2") if variant == "group" else []
-    common = (["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, N_STEPS) + extra
-              + sets(f"checkpoint.every_steps={EVERY}", "trainer.val_every=5", "optimizer.lr=1e-2"))
-    # One intra-op thread per process: A and B share the cores, and a thread count that cannot change under
-    # load keeps every CPU reduction in one fixed order (bit-identical runs).
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    extra = ["quant.scale=group", "trainer.grad_accum=2"] if variant == "group" else []
+    common = toy_train_argv(token_cache, N_STEPS, *extra, f"checkpoint.every_steps={EVERY}", "trainer.val_every=5",
+                            "optimizer.lr=1e-2")
+    # One intra-op thread per process (ONE_THREAD_ENV): A and B share the cores, and a thread count that cannot
+    # change under load keeps every CPU reduction in one fixed order (bit-identical runs).
     # B first (slowed), A alongside it: both see the same seed, data and recipe, only the name differs.
-    def start(name: str, delay: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, str(script)] + common + sets(f"name={name}"), cwd=tmp_path,
-                                env={**os.environ, **env, "TERNKIT_TEST_STEP_DELAY": delay},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    proc_b, proc_a = start("b", "0.4"), start("a", "0")
+    proc_b = start_slow_cli(tmp_path, common + sets("name=b"), 0.4)
+    proc_a = start_slow_cli(tmp_path, common + sets("name=a"), 0)
     try:
         killed_at = _kill_after_checkpoint(proc_b, tmp_path / "runs" / "b" / "last.ckpt", EVERY)
         _, err_a = proc_a.communicate(timeout=300)
@@ -77,10 +58,7 @@ def test_sigkill_then_resume_matches_uninterrupted(variant: str, tmp_path: Path,
 
     # Killed a second time, during the resumed run, once it has written a checkpoint of its own: the log
     # must still hold every step from before the first resume point (nothing logged is rewritten or lost).
-    start_resumed = subprocess.Popen(
-        [sys.executable, str(script)] + common + sets("name=b") + ["--resume", "auto"], cwd=tmp_path,
-        env={**os.environ, **env, "TERNKIT_TEST_STEP_DELAY": "0.4"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+    start_resumed = start_slow_cli(tmp_path, common + sets("name=b") + ["--resume", "auto"], 0.4)
     try:
         killed_again = _kill_after_checkpoint(start_resumed, tmp_path / "runs" / "b" / "last.ckpt", killed_at + EVERY)
     finally:
@@ -89,8 +67,8 @@ def test_sigkill_then_resume_matches_uninterrupted(variant: str, tmp_path: Path,
             start_resumed.communicate()
     assert killed_at < killed_again < N_STEPS
 
-    res_b = run_cli_subprocess(common + sets("name=b") + ["--resume", "auto"], cwd=tmp_path, script=str(script),
-                               env=env)
+    res_b = run_cli_subprocess(common + sets("name=b") + ["--resume", "auto"], cwd=tmp_path,
+                               script=str(slow_cli_script(tmp_path)), env=ONE_THREAD_ENV)
     assert res_b.returncode == 0, res_b.stderr
 
     run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"

@@ -13,44 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, SLOW_MAIN, assert_one_sentence_error, chdir, read_metrics, sets, snapshot, toy_text_sets,
-                      train_losses)
+from conftest import (ONE_THREAD_ENV, assert_one_sentence_error, read_metrics, sets, snapshot, start_slow_cli,
+                      toy_train_argv, train_losses, wait_for)
+
+from ternkit.checkpoint import checkpoint_step
 
 N_STEPS = 10
 
 
-_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def _common(token_cache: Path, name: str) -> list[str]:
-    return (["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, N_STEPS)
-            + sets(f"name={name}", "checkpoint.every_steps=4", "trainer.val_every=5", "logging.telemetry_every=3",
-                   "optimizer.lr=1e-2"))
+    return toy_train_argv(token_cache, N_STEPS, f"name={name}", "checkpoint.every_steps=4", "trainer.val_every=5",
+                          "logging.telemetry_every=3", "optimizer.lr=1e-2")
 
 
-def _start(tmp_path: Path, argv: list[str], delay: float) -> subprocess.Popen[str]:
-    script = tmp_path / "slow_main.py"
-    script.write_text(SLOW_MAIN)
-    return subprocess.Popen([sys.executable, str(script)] + argv, cwd=tmp_path,
-                            env={**os.environ, **_ENV, "TERNKIT_TEST_STEP_DELAY": str(delay)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_rows(proc: subprocess.Popen[str], metrics: Path, n: int, timeout: float = 180) -> None:
+def _wait_for_rows(proc: subprocess.Popen[str], metrics: Path, n: int) -> None:
     """Until ``metrics`` holds ``n`` train/loss rows (training is under way)."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the run ended (code {proc.returncode}) before the signal:\n{out}\n{err}")
-        try:
-            if metrics.is_file() and len([r for r in read_metrics(metrics.parent.parent) if r.get("train/loss")]) >= n:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("the run logged no training step in time")
+    wait_for(proc, lambda: metrics.is_file() and len([r for r in read_metrics(metrics.parent.parent)
+                                                      if r.get("train/loss")]) >= n, f"{n} logged training steps")
 
 
 def _trained(cli, argv: list[str], run: Path) -> Path:
@@ -69,9 +48,9 @@ def _rows(run_dir: Path) -> list[tuple[str, ...]]:
 def test_signal_saves_checkpoint_exits_128_plus_signum_and_resume_matches(sig: int, tmp_path: Path,
                                                                            token_cache: Path) -> None:
     ref = subprocess.run([sys.executable, "-m", "ternkit.cli.main"] + _common(token_cache, "a"), cwd=tmp_path,
-                         env={**os.environ, **_ENV}, capture_output=True, text=True, timeout=300)
+                         env={**os.environ, **ONE_THREAD_ENV}, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path, _common(token_cache, "b"), delay=0.4)
+    proc = start_slow_cli(tmp_path, _common(token_cache, "b"), delay=0.4)
     run_b = tmp_path / "runs" / "b"
     try:
         _wait_for_rows(proc, run_b / "logs" / "metrics.csv", 2)
@@ -90,7 +69,7 @@ def test_signal_saves_checkpoint_exits_128_plus_signum_and_resume_matches(sig: i
     assert "--resume auto" in lines[0] and "Traceback" not in err
     assert not (run_b / "summary.json").exists()  # a cut-short run has no final summary
     res = subprocess.run([sys.executable, "-m", "ternkit.cli.main", "train", str(run_b / "recipe.yaml"), "--no-progress",
-                          "--resume", "auto"], cwd=tmp_path, env={**os.environ, **_ENV}, capture_output=True,
+                          "--resume", "auto"], cwd=tmp_path, env={**os.environ, **ONE_THREAD_ENV}, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     run_a = tmp_path / "runs" / "a"
@@ -104,12 +83,10 @@ def test_signal_saves_checkpoint_exits_128_plus_signum_and_resume_matches(sig: i
 
 
 def test_second_ctrl_c_aborts_without_touching_checkpoints(tmp_path: Path, token_cache: Path) -> None:
-    proc = _start(tmp_path, _common(token_cache, "c"), delay=0.4)
+    proc = start_slow_cli(tmp_path, _common(token_cache, "c"), delay=0.4)
     run = tmp_path / "runs" / "c"
     try:
-        t0 = time.monotonic()
-        while not (run / "last.ckpt").is_file() and time.monotonic() - t0 < 180 and proc.poll() is None:
-            time.sleep(0.05)
+        wait_for(proc, (run / "last.ckpt").is_file, "the first checkpoint")
         before = snapshot([run / "last.ckpt"])
         assert before, "no checkpoint was written"
         proc.send_signal(signal.SIGINT)
@@ -179,7 +156,7 @@ def test_resuming_a_finished_run_changes_nothing(cli, monkeypatch: pytest.Monkey
     assert snapshot(files) == before
 
 
-def test_stray_tmp_files_are_cleaned_at_the_next_start(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_stray_tmp_files_are_cleaned_at_the_nextstart_slow_cli(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                        token_cache: Path) -> None:
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs" / "tmp"
@@ -248,15 +225,14 @@ def test_a_resumed_run_keeps_writing_last_ckpt_and_refuses_new_optimizer_groups(
     assert snapshot(list(before)) == before
     # Extended from its final checkpoint (which carries no last_model_path), the run's step checkpoints still
     # go to last.ckpt, not to a versioned last-v1.ckpt that --resume auto would never see.
-    proc = _start(tmp_path, argv[:3] + argv[3:] + sets("trainer.max_steps=8") + ["--resume", "auto"], delay=0.3)
+    proc = start_slow_cli(tmp_path, argv + sets("trainer.max_steps=8") + ["--resume", "auto"], delay=0.3)
     try:
         _wait_for_rows(proc, run / "logs" / "metrics.csv", 7)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 60:
-            step = int(torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["global_step"])
-            if step >= 6:
-                break
-            time.sleep(0.05)
+        def at_least_6() -> int | None:
+            step = checkpoint_step(run / "last.ckpt")
+            return step if step is not None and step >= 6 else None
+
+        step = wait_for(proc, at_least_6, "last.ckpt at step 6", timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import (TOY_STEPS, assert_one_sentence_error, read_metrics, sets, snapshot, toy_text_sets,
-                      train_losses)
+                      toy_train_argv, train_losses)
 
 
 def test_toy_training_loss_falls_and_run_folder(toy_run: Path) -> None:
@@ -296,12 +296,17 @@ def test_parameter_counts_integer_state_is_persistent_integer_tensors() -> None:
     assert counts["ternary"] == up.in_features * up.out_features + down.in_features * down.out_features
 
 
+def _toy_train(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, token_cache: Path, steps: int, *items: str):
+    """A toy ``ternkit train`` in ``tmp_path`` that must succeed; returns its CliResult."""
+    monkeypatch.chdir(tmp_path)
+    res = cli(toy_train_argv(token_cache, steps, *items))
+    assert res.code == 0, res.text
+    return res
+
+
 def test_no_terminal_gets_plain_progress_lines_and_throughput_in_metrics(cli, monkeypatch: pytest.MonkeyPatch,
                                                                            tmp_path: Path, token_cache: Path) -> None:
-    monkeypatch.chdir(tmp_path)
-    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 4)
-              + sets("name=plain", "trainer.log_every=2"))
-    assert res.code == 0, res.text
+    res = _toy_train(cli, monkeypatch, tmp_path, token_cache, 4, "name=plain", "trainer.log_every=2")
     lines = [ln for ln in res.err.splitlines() if ln.startswith("step ")]
     assert [ln.split(" | ")[0] for ln in lines] == ["step 2/4", "step 4/4", "step 4/4"], res.err
     assert "loss " in lines[0] and "tok/s" in lines[0] and lines[-1].startswith("step 4/4 | val loss ")
@@ -315,10 +320,7 @@ def test_warmup_longer_than_the_run_gets_a_note_and_one_path_is_a_list(cli, monk
                                                                       tmp_path: Path, token_cache: Path) -> None:
     from ternkit.recipe import load_recipe
 
-    monkeypatch.chdir(tmp_path)
-    res = cli(["train", "mlstm_stc", "--no-progress"] + toy_text_sets(token_cache, 2)
-              + sets("name=warm", "schedule.warmup_steps=50"))
-    assert res.code == 0, res.text
+    res = _toy_train(cli, monkeypatch, tmp_path, token_cache, 2, "name=warm", "schedule.warmup_steps=50")
     assert "note: schedule.warmup_steps (50) is more than trainer.max_steps (2)" in " ".join(res.err.split())
     r = load_recipe("mlstm_stc", overrides=["data.source=files", "data.paths=corpus/*.txt"])
     assert r.data.paths == ["corpus/*.txt"]

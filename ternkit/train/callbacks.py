@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,12 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from ternkit.checkpoint import checkpoint_step
 from ternkit.errors import TernkitError, is_disk_full
 
-__all__ = ["IntegerStateCallback", "TelemetryCallback", "PlainProgress", "AtomicCheckpointIO", "ReplicaCheckCallback", "SampleCallback",
-           "telemetry", "step_integer_state", "replica_state", "replica_digests", "sample_text"]
+__all__ = ["IntegerStateCallback", "TelemetryCallback", "PlainProgress", "AtomicCheckpointIO", "ReplicaCheckCallback",
+           "SampleCallback", "held_back_path", "telemetry", "step_integer_state", "replica_state", "replica_digests",
+           "sample_text"]
 
 
 def step_integer_state(model: nn.Module) -> dict[str, int]:
@@ -220,22 +224,16 @@ class PlainProgress(L.Callback):
         self._last: tuple[float, int] | None = None  # (time, step) of the previous line
 
     def _write(self, text: str) -> None:
-        import sys
-
         out = self.stream or sys.stderr
         out.write(text + "\n")
         out.flush()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import time
-
         self._t0 = time.perf_counter()
         self._last = (self._t0, int(trainer.global_step))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        import time
-
         step = int(trainer.global_step)
         if not trainer.is_global_zero or step % self.every or (self._last is not None and self._last[1] == step):
             return
@@ -285,7 +283,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         try:
             if path.name == "last.ckpt" and not (storage_options or {}).get("verified"):
-                pending = path.with_name(f".{path.name}.unverified.tmp")
+                pending = held_back_path(path)
                 _write_atomic(checkpoint, pending, shown=path)
                 self._pending = (pending, path)
                 return
@@ -311,6 +309,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if self._pending is not None:
             self._pending[0].unlink(missing_ok=True)
             self._pending = None
+
+
+def held_back_path(last: Path) -> Path:
+    """Where :class:`AtomicCheckpointIO` holds ``last`` (a run's last.ckpt) until the next step is finite."""
+    return last.with_name(f".{last.name}.unverified.tmp")
 
 
 def _write_atomic(checkpoint: dict[str, Any], path: Path, shown: Path | None = None) -> None:
@@ -341,14 +344,6 @@ def _write_atomic(checkpoint: dict[str, Any], path: Path, shown: Path | None = N
         raise
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    """The global_step stored in the checkpoint ``path`` (None when it cannot be read)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # unreadable or not ours: the sentence just leaves the step out
-        return None
-
-
 def _write_failed(err: OSError, path: Path, checkpoint: dict[str, Any]) -> str:
     """The sentence for a checkpoint ``path`` that could not be written: what failed, what is kept, what to do."""
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
@@ -368,7 +363,7 @@ def _write_failed(err: OSError, path: Path, checkpoint: dict[str, Any]) -> str:
     again = f"ternkit train {recipe} --resume auto" if recipe.is_file() else "the same ternkit train command with --resume auto"
     if kept:
         prev = kept[-1]
-        prev_step = _checkpoint_step(prev)
+        prev_step = checkpoint_step(prev)
         shown = f"{prev} (step {prev_step})" if prev_step is not None else str(prev)
         return (f"could not write checkpoint {path}{at} ({reason}), so training stopped; the previous checkpoint "
                 f"{shown} is intact: {fix}, then continue with {again}.")

@@ -24,7 +24,8 @@ import lightning as L
 
 from ternkit.errors import RunAborted, TernkitError
 
-__all__ = ["RunLock", "clean_stray_tmp", "is_rank_zero", "recover_held_back", "GracefulStop", "RunInterrupted", "RunAborted", "LOCK_FILE"]
+__all__ = ["RunLock", "clean_stray_tmp", "is_rank_zero", "recover_held_back", "GracefulStop", "RunInterrupted",
+           "RunAborted", "LOCK_FILE"]
 
 LOCK_FILE = ".lock"
 
@@ -110,29 +111,21 @@ class RunLock:
         self.release()
 
 
-HELD_BACK = ".last.ckpt.unverified.tmp"
-
-
 def recover_held_back(run_dir: Path) -> Path | None:
     """Put a held-back last.ckpt in place when it is newer than last.ckpt (the run was killed before its next step).
 
     A kill is no evidence against it (a NaN would have discarded it), and it may be up to
     ``checkpoint.every_steps`` steps ahead. An unreadable or older one is left for :func:`clean_stray_tmp`.
     """
-    import torch
+    from ternkit.checkpoint import checkpoint_step
+    from ternkit.train.callbacks import held_back_path
 
-    held, last = Path(run_dir) / HELD_BACK, Path(run_dir) / "last.ckpt"
+    last = Path(run_dir) / "last.ckpt"
+    held = held_back_path(last)
     if not held.is_file():
         return None
-
-    def step(p: Path) -> int | None:
-        try:
-            return int(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-        except Exception:
-            return None
-
-    s_held = step(held)
-    s_last = step(last) if last.is_file() else -1
+    s_held = checkpoint_step(held)
+    s_last = checkpoint_step(last) if last.is_file() else -1
     if s_held is None or (s_last is not None and s_held <= s_last):
         return None
     os.replace(held, last)

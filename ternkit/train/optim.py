@@ -8,7 +8,14 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "lr_factor", "weight_decay_factor", "MuonWithAdamW"]
+__all__ = ["param_groups", "wants_ternary_group", "build_optimizer", "lr_factor", "weight_decay_factor",
+           "MuonWithAdamW"]
+
+
+def wants_ternary_group(ternary_lr_scale: float = 1.0, ternary_weight_decay: float | None = None,
+                        ternary_lr_max: float | None = None) -> bool:
+    """Whether these optimizer settings give the latent ternary weights an AdamW group of their own."""
+    return ternary_lr_scale != 1.0 or ternary_weight_decay is not None or ternary_lr_max is not None
 
 
 def param_groups(model: nn.Module, weight_decay: float, ternary_lr_scale: float = 1.0,
@@ -21,7 +28,7 @@ def param_groups(model: nn.Module, weight_decay: float, ternary_lr_scale: float 
     from ternkit.modules.linear import latent_ternary_layers
 
     tern_ids: set[int] = set()
-    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None or separate_ternary:
+    if separate_ternary or wants_ternary_group(ternary_lr_scale, ternary_weight_decay):
         tern_ids = {id(m.weight) for m in latent_ternary_layers(model).values()}
     decay, no_decay, tern = [], [], []
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -107,7 +114,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         for g in groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-    if ternary_lr_scale != 1.0 or ternary_weight_decay is not None or ternary_lr_max is not None:
+    if wants_ternary_group(ternary_lr_scale, ternary_weight_decay, ternary_lr_max):
         raise ValueError("optimizer.ternary_lr_scale, ternary_lr_max and ternary_weight_decay apply to adamw only")
     if name == "muon":
         emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -48,21 +47,12 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"ternary": tern, "float": flt, "integer_state": ints}
 
 
-CHECKPOINT_NAMES = ("last.ckpt", "best.ckpt")
-
-
 def run_checkpoints(run_dir: Path) -> list[Path]:
     """The checkpoints a run folder holds: last.ckpt, best.ckpt and step*.ckpt that exist."""
-    found = [run_dir / n for n in CHECKPOINT_NAMES if (run_dir / n).is_file()]
+    from ternkit.checkpoint import RUN_CHECKPOINTS
+
+    found = [run_dir / n for n in RUN_CHECKPOINTS if (run_dir / n).is_file()]
     return found + sorted(p for p in run_dir.glob("step*.ckpt") if p.is_file())
-
-
-def _global_step(path: Path) -> int | None:
-    """A checkpoint's global_step (None when it cannot be read)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:
-        return None
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -77,7 +67,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         found = run_checkpoints(run_dir)
         if not found:
             return None
-        steps = {p: _global_step(p) for p in found}
+        from ternkit.checkpoint import checkpoint_step
+
+        steps = {p: checkpoint_step(p) for p in found}
         readable = [p for p in found if steps[p] is not None]
         if not readable:
             names = ", ".join(p.name for p in found)
@@ -184,8 +176,10 @@ def resume_changes(ckpt: dict[str, Any], recipe: Recipe) -> dict[str, list[Any]]
 
 def _optimizer_layout(o: dict[str, Any]) -> tuple[str, bool]:
     """(optimizer name, whether latent ternary weights get a group of their own) of an optimizer section."""
-    own = (float(o.get("ternary_lr_scale", 1.0)) != 1.0 or o.get("ternary_weight_decay") is not None
-           or o.get("ternary_lr_max") is not None)
+    from ternkit.train.optim import wants_ternary_group
+
+    own = wants_ternary_group(float(o.get("ternary_lr_scale", 1.0)), o.get("ternary_weight_decay"),
+                              o.get("ternary_lr_max"))
     return str(o.get("name", "adamw")), own
 
 
@@ -200,12 +194,6 @@ def _check_same_optimizer_layout(ckpt: dict[str, Any], recipe: Recipe, ckpt_path
     shown = ", ".join(f"optimizer.{k} {old.get(k)!r} -> {new[k]!r}" for k in keys)
     raise TernkitError(f"{ckpt_path} was trained with other optimizer parameter groups ({shown}), whose state a resume "
                        "cannot carry over; keep the run's own values, or start a new run with --set name=<new name>.")
-
-
-def _is_rank_zero() -> bool:
-    from ternkit.train.guard import is_rank_zero
-
-    return is_rank_zero()
 
 
 def _save_final(trainer: Any, last: Path) -> None:
@@ -223,7 +211,7 @@ def _save_final(trainer: Any, last: Path) -> None:
         epoch_loop._batches_that_stepped += 1
 
 
-def _finished_result(run_dir: Path, ckpt_path: Path, done: int, max_steps: int) -> TrainResult:
+def _finished_result(run_dir: Path, ckpt_path: Path, done: int) -> TrainResult:
     """The result of resuming a run that already reached its max_steps: its summary, nothing rewritten."""
     res = TrainResult(run_dir=run_dir, steps=done, resumed_from=str(ckpt_path), last_ckpt=ckpt_path, finished=True)
     try:
@@ -270,14 +258,14 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
     refused); SIGINT / SIGTERM save a checkpoint at the end of the step and raise
     :class:`ternkit.train.guard.RunInterrupted`.
     """
-    from ternkit.train.guard import RunLock, clean_stray_tmp
+    from ternkit.train.guard import RunLock, clean_stray_tmp, is_rank_zero
     from ternkit.train.preflight import check_before_training
 
     check_before_training(recipe, dry_run=dry_run)  # GPU, memory, tokenizer file: refused before the folder is touched
     if dry_run:
         return _train(recipe, resume, dry_run, progress)
     with RunLock(recipe.run_dir):
-        if _is_rank_zero():
+        if is_rank_zero():
             clean_stray_tmp(recipe.run_dir)
         try:
             return _train(recipe, resume, dry_run, progress)
@@ -298,10 +286,10 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
     from ternkit.checkpoint import load_checkpoint
     from ternkit.train.callbacks import (AtomicCheckpointIO, IntegerStateCallback, PlainProgress,
                                         ReplicaCheckCallback, SampleCallback, TelemetryCallback, sample_text)
-    from ternkit.train.data import TernkitDataModule
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ternkit.train.guard import GracefulStop
+    from ternkit.train.data import TernkitDataModule
+    from ternkit.train.guard import GracefulStop, is_rank_zero
     from ternkit.train.module import TernkitLM
     from ternkit.tokenizer import write_text_atomic
 
@@ -314,13 +302,14 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
                            "continue it, or --set name=<new name> to start another.")
     ckpt_cfg = None
     ckpt_meta: dict[str, Any] = {}
+    resume_step = 0
     if ckpt_path is not None:
         ckpt_meta = load_checkpoint(ckpt_path)
         ckpt_cfg = ckpt_meta["ternkit"]["model_config"]
-        done = int(ckpt_meta.get("global_step", 0))
-        if done >= recipe.trainer.max_steps and not dry_run:
+        resume_step = int(ckpt_meta.get("global_step", 0))
+        if resume_step >= recipe.trainer.max_steps and not dry_run:
             # Nothing to train: leave the folder (summary, logs, checkpoints) exactly as it is.
-            return _finished_result(run_dir, ckpt_path, done, recipe.trainer.max_steps)
+            return _finished_result(run_dir, ckpt_path, resume_step)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     tok_file = run_dir / "tokenizer.json"
     had_tok = tok_file.is_file()
@@ -359,14 +348,14 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
     if ckpt_path is not None:
         result.changed_on_resume = resume_changes(ckpt_meta, recipe)
         _check_same_optimizer_layout(ckpt_meta, recipe, ckpt_path)
-        if result.changed_on_resume and _is_rank_zero():
+        if result.changed_on_resume and is_rank_zero():
             shown = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed_on_resume.items())
-            sys.stderr.write(f"resuming {ckpt_path} (step {int(ckpt_meta.get('global_step', 0))}) with changed settings, "
+            sys.stderr.write(f"resuming {ckpt_path} (step {resume_step}) with changed settings, "
                              f"which apply from the next step: {shown}\n")
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(ckpt_path),
-                                     "step": int(ckpt_meta.get("global_step", 0)),
+                                     "step": resume_step,
                                      "changed": result.changed_on_resume}) + "\n")
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -374,8 +363,8 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
     t = recipe.trainer
     every = recipe.checkpoint.every_steps or None
     replicas = ReplicaCheckCallback()
-    stop = GracefulStop(run_dir, val_every=min(recipe.trainer.val_every, recipe.trainer.max_steps),
-                        max_steps=recipe.trainer.max_steps)
+    val_steps = min(t.val_every, t.max_steps)  # optimizer steps between validations
+    stop = GracefulStop(run_dir, val_every=val_steps, max_steps=t.max_steps)
     callbacks: list[Any] = [
         stop,
         # No version counter: a resumed run whose checkpoint carries no last_model_path must still write
@@ -397,12 +386,10 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
         callbacks.append(_step_progress_bar()(leave=True))
     elif progress:
         callbacks.append(PlainProgress(t.log_every, t.max_steps))
-    val_every = min(t.val_every, t.max_steps) * t.grad_accum
-    resume_step = int(ckpt_meta.get("global_step", 0))
     trainer = L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=_strategy(t.strategy, cfg), precision=t.precision, gradient_clip_val=t.grad_clip,
-        accumulate_grad_batches=t.grad_accum, val_check_interval=val_every, check_val_every_n_epoch=None,
+        accumulate_grad_batches=t.grad_accum, val_check_interval=val_steps * t.grad_accum, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every,
         logger=_loggers(recipe, run_dir, resume_step) or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=bar, enable_model_summary=False, default_root_dir=str(run_dir),
