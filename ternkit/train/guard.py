@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -161,6 +162,12 @@ class RunInterrupted(TernkitError):
 _SIGNALS = ("SIGINT", "SIGTERM")
 
 
+def _ignore_signals() -> None:
+    """Ignore SIGINT / SIGTERM for the rest of the process (its last moments: nothing is written any more)."""
+    for name in _SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _leave_now(signum: int, frame: Any) -> None:
     """Exit 128 + signum at once with the abort line (nothing is being written any more)."""
     os.write(2, b"interrupted: aborted at once; checkpoints already on disk are unchanged.\n")
@@ -209,10 +216,16 @@ class GracefulStop(L.Callback):
         self._previous = {}
 
     def linger(self) -> None:
-        """After the stop (Lightning's teardown put its own handlers back): later signals leave quietly."""
+        """After the stop (Lightning's teardown put its own handlers back): later signals leave quietly.
+
+        Until the interpreter shuts down they exit 128 + signum at once; from the ``atexit`` phase on
+        they are ignored, because Python's shutdown resets a Python-level handler to the default
+        action, and a signal landing there would kill the process (-signum, not 128 + signum).
+        """
         if self.signum is not None and threading.current_thread() is threading.main_thread():
             for name in _SIGNALS:
                 signal.signal(getattr(signal, name), _leave_now)
+            atexit.register(_ignore_signals)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1:
