@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "models": 4,
     "recipe": 5, "checkpoint": 5, "tokenizer": 5, "data": 5,
     "train": 6, "export": 6,
-    "bench": 7, "inspect": 7, "generate": 7, "parity": 7,
+    "bench": 7, "inspect": 7, "generate": 7, "parity": 7, "eval": 7,
     "cli": 8,
 }
 

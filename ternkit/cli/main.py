@@ -7,7 +7,7 @@ import importlib
 from ternkit.cli.app import app
 
 # One module per verb; each registers itself on ``app`` at import.
-_VERBS = ("env", "train", "recipes", "stats", "export", "generate", "bench")
+_VERBS = ("env", "train", "recipes", "stats", "export", "generate", "eval", "bench")
 for _name in _VERBS:
     importlib.import_module(f"ternkit.cli.{_name}")
 

@@ -132,6 +132,25 @@ def _cached(directory: Path) -> dict[str, Any] | None:
     return meta
 
 
+def open_token_cache(cache: str | os.PathLike[str], fp: str, tok: Tok | None = None) -> TokenData | None:
+    """The complete token cache ``cache/tokens/<fp>`` as memory-mapped splits, or None when it is missing or partial.
+
+    ``tok``: the tokenizer to attach; None loads the one stored beside the tokens.
+    """
+    from ternkit.tokenizer import load_tokenizer
+
+    directory = Path(cache) / "tokens" / fp
+    meta = _cached(directory)
+    if meta is None or meta.get("fingerprint", fp) != fp:
+        return None
+    return TokenData(
+        train=_open_tokens(directory / "train.bin", meta["dtype"], int(meta["train_tokens"])),
+        val=_open_tokens(directory / "val.bin", meta["dtype"], int(meta["val_tokens"])),
+        tokenizer=tok if tok is not None else load_tokenizer(directory), meta=meta, directory=directory,
+        reused=True,
+    )
+
+
 def _cache_write_failed(err: OSError, directory: Path) -> str:
     """The sentence for a token cache ``directory`` that could not be written."""
     reason = err.strerror or type(err).__name__
@@ -233,17 +252,14 @@ def prepare_text_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, cache_dir:
         tok_json = json.dumps({"kind": tok.kind, "vocab": tok.vocab_size, "hf": getattr(getattr(tok, "hf", None), "to_str", lambda: "")()})
 
     fp = fingerprint({"corpus": corpus_fp, "tokenizer": hashlib.sha256(tok_json.encode()).hexdigest()})
-    directory = cache / "tokens" / fp
-    meta = _cached(directory)
-    reused = meta is not None
-    if meta is None:
+    data = open_token_cache(cache, fp, tok)
+    if data is None:
         if docs is None:
             docs, val_mask = load_docs()
-        meta = _build_cache(directory, fp, tok, docs, val_mask, data_cfg.val_fraction, source.description)
-    if int(meta["train_tokens"]) == 0:
+        _build_cache(cache / "tokens" / fp, fp, tok, docs, val_mask, data_cfg.val_fraction, source.description)
+        data = open_token_cache(cache, fp, tok)
+        assert data is not None, "a token cache just built must open"
+        data.reused = False
+    if int(data.meta["train_tokens"]) == 0:
         raise TernkitError(f"the data source ({source.description}) tokenized to an empty training split; add more text.")
-    return TokenData(
-        train=_open_tokens(directory / "train.bin", meta["dtype"], int(meta["train_tokens"])),
-        val=_open_tokens(directory / "val.bin", meta["dtype"], int(meta["val_tokens"])),
-        tokenizer=tok, meta=meta, directory=directory, reused=reused,
-    )
+    return data
