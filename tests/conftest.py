@@ -30,9 +30,13 @@ from ternkit.train.module import TernkitLM
 
 _orig = TernkitLM.training_step
 _delay = float(os.environ.get("TERNKIT_TEST_STEP_DELAY", "0"))
+_mark = os.environ.get("TERNKIT_TEST_STEP_MARK")  # a file that gets one line as each step starts its delay
 
 
 def _slow(self, batch, batch_idx):
+    if _mark:
+        with open(_mark, "a") as fh:
+            fh.write(f"{batch_idx}\\n")
     time.sleep(_delay)
     return _orig(self, batch, batch_idx)
 
@@ -102,10 +106,15 @@ def wait_for(proc: subprocess.Popen[str], check: Callable[[], Any], what: str, t
     pytest.fail(f"timed out waiting for {what}")
 
 
-def start_slow_cli(cwd: Path, argv: list[str], delay: float) -> subprocess.Popen[str]:
-    """``ternkit ARGV`` in ``cwd`` as a background process, each training step ``delay`` seconds slower."""
-    return subprocess.Popen([sys.executable, str(slow_cli_script(cwd))] + argv, cwd=cwd,
-                            env={**os.environ, **ONE_THREAD_ENV, "TERNKIT_TEST_STEP_DELAY": str(delay)},
+def start_slow_cli(cwd: Path, argv: list[str], delay: float, mark: Path | None = None) -> subprocess.Popen[str]:
+    """``ternkit ARGV`` in ``cwd`` as a background process, each training step ``delay`` seconds slower.
+
+    ``mark``: a file that gets one line at the start of each step's delay, so a test can act inside it.
+    """
+    env = {**os.environ, **ONE_THREAD_ENV, "TERNKIT_TEST_STEP_DELAY": str(delay)}
+    if mark is not None:
+        env["TERNKIT_TEST_STEP_MARK"] = str(mark)
+    return subprocess.Popen([sys.executable, str(slow_cli_script(cwd))] + argv, cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -83,12 +83,17 @@ def test_signal_saves_checkpoint_exits_128_plus_signum_and_resume_matches(sig: i
 
 
 def test_second_ctrl_c_aborts_without_touching_checkpoints(tmp_path: Path, token_cache: Path) -> None:
-    proc = start_slow_cli(tmp_path, _common(token_cache, "c"), delay=0.4)
+    mark = tmp_path / "steps.txt"
+    proc = start_slow_cli(tmp_path, _common(token_cache, "c"), delay=0.4, mark=mark)
     run = tmp_path / "runs" / "c"
     try:
         wait_for(proc, (run / "last.ckpt").is_file, "the first checkpoint")
         before = snapshot([run / "last.ckpt"])
         assert before, "no checkpoint was written"
+        # Both signals inside one step's 0.4 s delay: a first one that lands as a step ends would let the
+        # graceful stop finish before the second arrives, which is the other test's case.
+        started = len(mark.read_text().splitlines())
+        wait_for(proc, lambda: len(mark.read_text().splitlines()) > started, "the next step")
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
