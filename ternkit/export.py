@@ -1,10 +1,9 @@
-"""Load ternkit checkpoints and exports, write packed exports (safetensors + config + tokenizer), verify them."""
+"""Write packed exports (safetensors + config + tokenizer) and verify them; loading lives in :mod:`ternkit.checkpoint`."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -17,35 +16,21 @@ import torch
 from torch import nn
 
 from ternkit import __version__
-from ternkit.checkpoint import load_checkpoint, model_from_checkpoint, model_from_config
+# Reading exports lives below training and export both (ternkit.checkpoint); re-exported here for callers.
+from ternkit.checkpoint import (EXPORT_CONFIG, EXPORT_WEIGHTS, content_digest, is_export_dir,  # noqa: F401
+                                load_checkpoint, load_model, load_packed)
 from ternkit.errors import TernkitError
 
 __all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "check_export", "ExportReport", "pack_model",
            "find_tokenizer", "check_tokenizer_fits"]
 
-_WEIGHTS = "model.safetensors"
-_CONFIG = "config.json"
+_WEIGHTS, _CONFIG = EXPORT_WEIGHTS, EXPORT_CONFIG
 _TOKENIZER = "tokenizer.json"
-
-
-def _is_export_dir(path: Path) -> bool:
-    return path.is_dir() and (path / _WEIGHTS).exists() and (path / _CONFIG).exists()
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A model in eval mode from a checkpoint file or an export folder, and a dict of facts about the source."""
-    path = Path(path)
-    if _is_export_dir(path):
-        return load_packed(path), {"kind": "export", "path": str(path)}
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    return model, {"kind": "checkpoint", "path": str(path), "global_step": ckpt.get("global_step"),
-                   "run_info": ckpt["ternkit"].get("run_info", {})}
 
 
 def find_tokenizer(ckpt_path: Path, run_info: dict[str, Any]) -> Path | None:
     """The tokenizer.json that belongs to a checkpoint (in its run folder, from run_info or beside it) or an export folder."""
-    if _is_export_dir(ckpt_path):
+    if is_export_dir(ckpt_path):
         return ckpt_path / _TOKENIZER if (ckpt_path / _TOKENIZER).is_file() else None
     # Beside the checkpoint first: run_info's run_dir may be relative to another working directory.
     candidates = [ckpt_path.parent / _TOKENIZER]
@@ -88,16 +73,6 @@ def pack_model(model: nn.Module, fmt: str = "2bit") -> nn.Module:
         new = PackedTernaryLinear.from_trits(trits, alpha, layer.bias, fmt, layer.act_bits)
         replace_module(model, name, new.to(layer.weight.device))
     return model.eval()
-
-
-def _swap_in_packed(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    from ternkit.modules.linear import replace_module
-    from ternkit.modules.packed import PackedTernaryLinear
-
-    for name, meta in layers.items():
-        new = PackedTernaryLinear(meta["in"], meta["out"], meta["fmt"], tuple(meta["alpha_shape"]), meta["bias"],
-                                  meta["act_bits"])
-        replace_module(model, name, new)
 
 
 @dataclass
@@ -312,98 +287,6 @@ def export_packed(ckpt_path: str | Path, out_dir: str | Path, fmt: str = "base3"
     _write_all_or_nothing(out_dir, writers)
     return ExportReport(out_dir, fmt, tern_w, tern_b, other_params, other_bytes, (out_dir / _WEIGHTS).stat().st_size,
                         out_dir / _TOKENIZER if tok is not None else None, rows, scale_n, scale_b, scaled_w)
-
-
-def content_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 (hex) over every tensor of a state dict, sorted by name: its name, dtype, shape and bytes.
-
-    Stored in an export's metadata and checked by :func:`load_packed`: a bit flipped in the
-    weights (a bad disk, a truncated copy) is refused instead of generating garbage. About 1-2 GB/s.
-    """
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _metadata_json(weights: Path, meta: dict[str, str], key: str, default: str | None = None) -> Any:
-    """The JSON value under ``key`` in a safetensors file's metadata; TernkitError naming the file and key when it is bad."""
-    try:
-        return json.loads(meta[key] if default is None else meta.get(key, default))
-    except (KeyError, json.JSONDecodeError):
-        raise TernkitError(f"{weights}: its metadata key '{key}' is not valid JSON; export the checkpoint "
-                           "again.") from None
-
-
-def _check_config_file(path: Path, stored: Any) -> None:
-    """Refuse an export whose config.json cannot be read or describes another model than its weights.
-
-    The model is rebuilt from the config inside model.safetensors (it travels with the weights);
-    config.json is what people read and edit, so a broken or edited one is reported instead of
-    being silently ignored.
-    """
-    from ternkit.checkpoint import config_from_stored
-
-    cfg_path = path / _CONFIG
-    fix = "restore it by exporting the checkpoint again"
-    try:
-        obj = json.loads(cfg_path.read_bytes().decode("utf-8"))
-    except OSError as err:
-        raise TernkitError(f"cannot read {cfg_path} ({err.strerror or type(err).__name__}); check its permissions.") from None
-    except UnicodeDecodeError as err:
-        raise TernkitError(f"{cfg_path} is not UTF-8 text (byte {err.start}); {fix}.") from None
-    except json.JSONDecodeError as err:
-        raise TernkitError(f"{cfg_path} is not valid JSON (line {err.lineno}, column {err.colno}); {fix}.") from None
-    if not isinstance(obj, dict) or "model" not in obj:
-        raise TernkitError(f"{cfg_path} has no 'model' key (the model config); {fix}.")
-    edited = config_from_stored(obj["model"], cfg_path, fix).to_dict()
-    weights = config_from_stored(stored, path / _WEIGHTS, "export the checkpoint again").to_dict()
-    diff = [k for k in weights if k != "extra" and weights[k] != edited.get(k)]
-    if diff:
-        shown = ", ".join(f"{k}={edited.get(k)!r} vs {weights[k]!r}" for k in diff[:3])
-        raise TernkitError(f"{cfg_path} describes another model than {_WEIGHTS} holds ({shown}); the weights decide "
-                           f"the shape, so {fix}.")
-
-
-def load_packed(path: str | Path) -> nn.Module:
-    """Rebuild the model of an export folder (eval mode): ternary layers become PackedTernaryLinear."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not _is_export_dir(path):
-        raise TernkitError(f"{path} is not a ternkit export (it needs {_WEIGHTS} and {_CONFIG}); run "
-                           "'ternkit export --packed CKPT -o DIR' first.")
-    try:
-        with safe_open(str(path / _WEIGHTS), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = load_file(str(path / _WEIGHTS))
-    except Exception as err:
-        raise TernkitError(f"{path / _WEIGHTS} could not be read ({type(err).__name__}); the export is damaged: export again.") from None
-    if "ternkit_version" not in meta or "config" not in meta:
-        raise TernkitError(f"{path / _WEIGHTS} has no ternkit metadata; it was not written by 'ternkit export'.")
-    want = meta.get("content_sha256")
-    if want is not None and content_digest(tensors) != want:  # exports older than the hash carry none
-        raise TernkitError(f"{path / _WEIGHTS} failed its integrity check (the sha256 of its tensors differs from the "
-                           "one recorded at export), so the file is damaged, e.g. a flipped bit or a bad copy: export "
-                           "the checkpoint again or copy the export anew.")
-    stored = _metadata_json(path / _WEIGHTS, meta, "config")
-    layers = _metadata_json(path / _WEIGHTS, meta, "ternary_layers", "{}")
-    _check_config_file(path, stored)
-    model = model_from_config(stored, path / _WEIGHTS)
-    try:
-        _swap_in_packed(model, layers)
-    except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise TernkitError(f"{path / _WEIGHTS}: its 'ternary_layers' metadata is malformed ({type(err).__name__}); "
-                           "export the checkpoint again.") from None
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise TernkitError(f"{path} does not match its config ({str(err).splitlines()[0]}); export it again.") from None
-    return model.eval()
 
 
 @torch.no_grad()

@@ -280,6 +280,8 @@ class Recipe(Section):
     name: str = "run"
     description: str = ""
     seed: int = 1234
+    init_from: str | None = Field(None, description="a ternkit checkpoint (.ckpt) or export folder whose weights a new "
+                                  "run starts from (float twin -> ternary, dense FFN -> MoE experts); a resume ignores it")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

@@ -24,12 +24,14 @@ def train_cmd(
     no_progress: bool = typer.Option(False, "--no-progress", help="A plain line on stderr every trainer.log_every steps "
                                      "instead of the live bar (what a pipe or a log file gets anyway)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON at the end."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from the weights of this "
+                                            "checkpoint or export (the recipe's init_from)."),
 ) -> None:
     """Train a ternary model from a recipe; writes runs/<name>/ (recipe, tokenizer, checkpoints, logs)."""
     from ternkit.recipe import load_recipe
     from ternkit.train.run import train
 
-    r = load_recipe(recipe, set_ or [])
+    r = load_recipe(recipe, [*(set_ or []), *([f"init_from={json.dumps(init_from)}"] if init_from else [])])
     if print_config:
         console.print(r.to_yaml(), end="", highlight=False, markup=False, soft_wrap=True)
         return

@@ -9,6 +9,7 @@ corpus is tokenized, the run folder is created or a tensor is allocated.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from ternkit.errors import TernkitError
@@ -89,13 +90,16 @@ def setting_notes(recipe: Recipe) -> list[str]:
 def check_before_training(recipe: Recipe, dry_run: bool = False) -> int:
     """Refuse, in one sentence, a run this machine cannot start; returns the estimated parameter count.
 
-    Checks that a ``tokenizer.kind=file`` tokenizer loads, that a GPU accelerator is visible
+    Checks that an ``init_from`` source exists, that a ``tokenizer.kind=file`` tokenizer loads, that a GPU accelerator is visible
     (not for ``dry_run``, which builds no Trainer), and that the model fits in memory: the fp32
     weights for a dry run or a GPU run (the model is built in this machine's memory first), and
     weights, gradients and optimizer state for a run on the CPU.
     """
     for line in setting_notes(recipe):
         sys.stderr.write(f"note: {line}\n")
+    if recipe.init_from and not Path(recipe.init_from).expanduser().exists():
+        raise TernkitError(f"init_from {recipe.init_from} does not exist; pass a ternkit checkpoint (.ckpt) or an export "
+                           "folder to start from, or remove init_from.")
     tokenizer = None
     if recipe.tokenizer.kind == "file" and not recipe.data.synthetic:
         from ternkit.tokenizer import load_tokenizer

@@ -100,6 +100,7 @@ class TrainResult:
     global_rank: int = 0
     finished: bool = False  # resumed a run that had already reached max_steps: nothing trained or written
     changed_on_resume: dict[str, list[Any]] = field(default_factory=dict)  # setting -> [checkpoint's, recipe's]
+    init_from: dict[str, Any] | None = None  # what init_from loaded (ternkit.checkpoint.init_weights_from's report)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable summary."""
@@ -107,7 +108,7 @@ class TrainResult:
                 "val_loss": self.val_loss, "val_acc": self.val_acc, "sample": self.sample, "counts": self.counts,
                 "resumed_from": self.resumed_from, "last_ckpt": str(self.last_ckpt) if self.last_ckpt else None,
                 "replicas": self.replicas, "replicas_identical": self.replicas_identical, "finished": self.finished,
-                "changed_on_resume": self.changed_on_resume}
+                "changed_on_resume": self.changed_on_resume, "init_from": self.init_from}
 
 
 def _loggers(recipe: Recipe, run_dir: Path, resume_step: int = 0) -> list[Any]:
@@ -278,6 +279,26 @@ def train(recipe: Recipe, resume: str | None = None, dry_run: bool = False, prog
                                f"continue with ternkit train {recipe.run_dir / 'recipe.yaml'} --resume auto.") from None
 
 
+def _init_from(model: Any, source: str, written_tok: Path | None) -> dict[str, Any]:
+    """Load ``source``'s weights into the fresh ``model`` and say so on stderr; on failure remove the tokenizer.json
+    this run just wrote (``written_tok``), so that a refused run leaves no folder behind."""
+    from ternkit.checkpoint import init_weights_from
+    from ternkit.train.guard import is_rank_zero
+
+    try:
+        rep = init_weights_from(model, source)
+    except TernkitError:
+        if written_tok is not None:
+            written_tok.unlink(missing_ok=True)
+        raise
+    if is_rank_zero():
+        conv = f", {len(rep['converted'])} converted" if rep["converted"] else ""
+        kept = (f"; {len(rep['kept_init'])} keep their initialization ({', '.join(rep['kept_init'][:3])}"
+                f"{', ...' if len(rep['kept_init']) > 3 else ''})") if rep["kept_init"] else ""
+        sys.stderr.write(f"init_from {source} ({rep['kind']}): {rep['loaded']} tensors loaded{conv}{kept}\n")
+    return rep
+
+
 def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | str) -> TrainResult:
     """:func:`train` inside the run folder's lock."""
     import lightning as L
@@ -339,10 +360,14 @@ def _train(recipe: Recipe, resume: str | None, dry_run: bool, progress: bool | s
                        divergence={"factor": recipe.trainer.divergence_factor,
                                    "patience": recipe.trainer.divergence_patience,
                                    "stop": recipe.trainer.divergence_stop})
+    init_report = None
+    if recipe.init_from and ckpt_path is None:  # a resume continues from its checkpoint's own weights
+        init_report = _init_from(module.model, recipe.init_from, tok_file if not had_tok else None)
     counts = parameter_counts(module.model)
     if recipe.trainer.compile and not dry_run:
         module.model.compile()  # in place: the state dict, checkpoints and exports keep their keys
-    result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None)
+    result = TrainResult(run_dir=run_dir, counts=counts, resumed_from=str(ckpt_path) if ckpt_path else None,
+                         init_from=init_report)
     if dry_run:
         return result
     if ckpt_path is not None:
