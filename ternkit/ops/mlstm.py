@@ -280,12 +280,10 @@ class _SignProducts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, g: torch.Tensor, path_zeros: torch.Tensor) -> torch.Tensor:
         L = g.shape[-1]
         zeros = g == 0
-        cz = torch.cumsum(zeros, dim=-1, dtype=torch.int32)
         cn = torch.cumsum(g < 0, dim=-1, dtype=torch.int32)
-        path_zeros = cz.unsqueeze(-1) - cz.unsqueeze(-2)  # zeros in (s, t] at [t, s]
         odd = ((cn.unsqueeze(-1) - cn.unsqueeze(-2)) & 1).to(g.dtype)
         sign = 1.0 - 2.0 * odd  # sign of the non-zero factors on (s, t]
         lower = torch.ones(L, L, dtype=torch.bool, device=g.device).tril()
@@ -293,7 +291,7 @@ class _SignProducts(torch.autograd.Function):
         return torch.where(lower & (path_zeros == 0), sign, torch.zeros((), dtype=g.dtype, device=g.device))
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         g, zeros, path_zeros, sign = ctx.saved_tensors
         L = g.shape[-1]
         strict = torch.ones(L, L, dtype=torch.bool, device=g.device).tril(-1)
@@ -309,16 +307,17 @@ class _SignProducts(torch.autograd.Function):
 
         live = rectangle(strict & (path_zeros == 0))
         once = rectangle(strict & (path_zeros == 1))
-        return torch.where(zeros, once, g * live)
+        return torch.where(zeros, once, g * live), None
 
 
-def _segment_products(g: torch.Tensor) -> torch.Tensor:
+def _segment_products(g: torch.Tensor, path_zeros: torch.Tensor) -> torch.Tensor:
     """P (..., L, L) with P[t, s] = prod_{r=s+1..t} g_r for s <= t and 0 above the diagonal; g (..., L) in {-1, 0, +1}.
 
-    Exact in forward and backward for ternary signs (:class:`_SignProducts`), the straight-through
-    gradient to cleared gates (g_r = 0) included.
+    ``path_zeros`` (..., L, L): the number of zeros among g_{s+1..t} at [t, s] (the caller counts them
+    anyway). Exact in forward and backward for ternary signs (:class:`_SignProducts`), the
+    straight-through gradient to cleared gates (g_r = 0) included.
     """
-    return _SignProducts.apply(g)
+    return _SignProducts.apply(g, path_zeros)
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -383,11 +382,11 @@ def _blocks(
     if signed:
         # Sign of the decay s -> t is P[t, s] in {-1, 0, +1}; count the zeros on each path to tell live (0),
         # cleared once (1: forward 0, gradient to that one gate) and cleared twice or more (no gradient).
-        P = _segment_products(g)
-        from_start = torch.cumprod(g, dim=-1)  # sign of the decay from the block start through t
         is_zero = g.detach() == 0
         zc = torch.cumsum(is_zero, dim=-1)
-        path_zeros = zc.unsqueeze(-1) - zc.unsqueeze(-2)
+        path_zeros = zc.unsqueeze(-1) - zc.unsqueeze(-2)  # zeros in (s, t] at [t, s]
+        P = _segment_products(g, path_zeros)
+        from_start = torch.cumprod(g, dim=-1)  # sign of the decay from the block start through t
         mi = torch.where(causal & (path_zeros == 0), log_src, neg_inf).amax(dim=-1)
     else:
         log_src = torch.where(causal, log_src, neg_inf)
