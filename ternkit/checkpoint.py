@@ -202,9 +202,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if is_export_dir(path):
         return load_packed(path), {"kind": "export", "path": str(path)}
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    return model, {"kind": "checkpoint", "path": str(path), "global_step": ckpt.get("global_step"),
-                   "run_info": ckpt["ternkit"].get("run_info", {})}
+    return model_from_checkpoint(ckpt, path), checkpoint_facts(ckpt, path)
+
+
+def checkpoint_facts(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """What :func:`load_model` says about a loaded checkpoint: kind, path, global step and the run's info."""
+    return {"kind": "checkpoint", "path": str(path), "global_step": ckpt.get("global_step"),
+            "run_info": ckpt["ternkit"].get("run_info", {})}
 
 
 def _swap_in_packed(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
@@ -341,23 +345,27 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _derived(key: str, target: torch.Tensor, src: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, str]:
-    """A source tensor for a target key the source does not have: an MoE expert from the dense SwiGLU FFN.
+def _derived(key: str, target: torch.Tensor, src: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, str, str]:
+    """(tensor, source key, label) for a target key the source does not have: an MoE expert from the dense SwiGLU FFN.
 
     Upcycling (Komatsuzaki et al.): every expert (and the shared one) starts as a copy of the block's
     dense FFN; the fused W1|W3 (2H, D) of the dense layout splits into the experts' W1 and W3.
+    (None, "", "") when no source tensor fits.
     """
     m = _EXPERT_KEY.match(key)
     if m is None:
-        return None, ""
+        return None, "", ""
     ffn, proj, kind = m["ffn"], m["proj"], m["kind"]
-    if f"{ffn}.{proj}.{kind}" in src:
-        return src[f"{ffn}.{proj}.{kind}"], f"{ffn}.{proj}.{kind}"
-    fused = src.get(f"{ffn}.w13.{kind}")
+    plain = f"{ffn}.{proj}.{kind}"
+    if plain in src:
+        return src[plain], plain, plain
+    fused_key = f"{ffn}.w13.{kind}"
+    fused = src.get(fused_key)
     if proj in ("w1", "w3") and fused is not None and fused.shape[0] == 2 * target.shape[0]:
         half = target.shape[0]
-        return (fused[:half] if proj == "w1" else fused[half:]), f"{ffn}.w13.{kind}[{'first' if proj == 'w1' else 'second'} half]"
-    return None, ""
+        part = fused[:half] if proj == "w1" else fused[half:]
+        return part, fused_key, f"{fused_key}[{'first' if proj == 'w1' else 'second'} half]"
+    return None, "", ""
 
 
 def _expand_block_diagonal(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
@@ -396,11 +404,11 @@ def init_weights_from(model: nn.Module, source: str | Path) -> dict[str, Any]:
         s = src.get(key)
         how = ""
         if s is None:
-            s, how = _derived(key, t, src)
+            s, from_key, how = _derived(key, t, src)
             if s is None:
                 kept.append(key)
                 continue
-            used.add(how.split("[")[0])
+            used.add(from_key)
         else:
             used.add(key)
         if tuple(s.shape) != tuple(t.shape):
@@ -408,7 +416,7 @@ def init_weights_from(model: nn.Module, source: str | Path) -> dict[str, Any]:
             if full is None:
                 wrong.append(f"{key} {_shape(s)} in {path.name} vs {_shape(t)} here")
                 continue
-            s, how = full, f"{key} (block-diagonal {_shape(src[key])} expanded)"
+            s, how = full, f"{key} (block-diagonal {_shape(s)} expanded)"
         new[key] = s.to(dtype=t.dtype, device=t.device)
         (converted if how else loaded).append(how or key)
     for name, mod in groups.items():

@@ -80,22 +80,16 @@ def _load(source: Path) -> tuple[nn.Module, Tok, dict[str, Any], dict[str, Any] 
 
     A checkpoint keeps its float training layers (not packed), so its numbers are training's own.
     """
-    from ternkit.checkpoint import load_checkpoint, model_from_checkpoint
-    from ternkit.export import check_tokenizer_fits, find_tokenizer, load_model
+    from ternkit.checkpoint import checkpoint_facts, load_checkpoint, model_from_checkpoint
+    from ternkit.export import load_model, tokenizer_for
 
     ckpt: dict[str, Any] | None = None
     if source.is_dir():  # an export folder (load_model says what is wrong with any other folder)
         model, info = load_model(source)
-    else:
+    else:  # loaded here, not through load_model, because the validation split needs the checkpoint dict
         ckpt = load_checkpoint(source)
-        model = model_from_checkpoint(ckpt, source)
-        info = {"kind": "checkpoint", "path": str(source), "global_step": ckpt.get("global_step"),
-                "run_info": ckpt["ternkit"].get("run_info", {})}
-    tok_path = find_tokenizer(source, info.get("run_info", {}))
-    if tok_path is None:
-        raise TernkitError(f"no tokenizer.json found for {source} (synthetic-task models have none); eval needs a "
-                           "text model trained with a tokenizer.")
-    tok = check_tokenizer_fits(tok_path, model.config.vocab_size, f"the model in {source}")
+        model, info = model_from_checkpoint(ckpt, source), checkpoint_facts(ckpt, source)
+    tok = tokenizer_for(source, info, model.config.vocab_size, "eval")
     return model.eval(), tok, info, ckpt
 
 

@@ -22,7 +22,7 @@ from ternkit.checkpoint import (EXPORT_CONFIG, EXPORT_WEIGHTS, content_digest, i
 from ternkit.errors import TernkitError
 
 __all__ = ["load_checkpoint", "load_model", "export_packed", "load_packed", "check_export", "ExportReport", "pack_model",
-           "find_tokenizer", "check_tokenizer_fits"]
+           "find_tokenizer", "check_tokenizer_fits", "tokenizer_for"]
 
 _WEIGHTS, _CONFIG = EXPORT_WEIGHTS, EXPORT_CONFIG
 _TOKENIZER = "tokenizer.json"
@@ -38,6 +38,18 @@ def find_tokenizer(ckpt_path: Path, run_info: dict[str, Any]) -> Path | None:
         candidates.append(Path(run_info["run_dir"]) / _TOKENIZER)
     candidates.append(ckpt_path.parent.parent / _TOKENIZER)
     return next((c for c in candidates if c.is_file()), None)
+
+
+def tokenizer_for(source: Path, info: dict[str, Any], vocab_size: int, verb: str) -> Any:
+    """The tokenizer of the model loaded from ``source`` (``info`` from :func:`load_model`), checked to fit its vocabulary.
+
+    A TernkitError naming ``verb`` (e.g. "generate") when there is none: synthetic-task models have no text.
+    """
+    tok_path = find_tokenizer(source, info.get("run_info", {}))
+    if tok_path is None or not tok_path.exists():
+        raise TernkitError(f"no tokenizer.json found for {source} (synthetic-task models have none); {verb} needs a "
+                           "text model trained with a tokenizer.")
+    return check_tokenizer_fits(tok_path, vocab_size, f"the model in {source}")
 
 
 def check_tokenizer_fits(tok_path: Path, vocab_size: int, what: str) -> Any:

@@ -41,15 +41,11 @@ def load_for_generation(source: str | Path, packed: bool = True) -> tuple[nn.Mod
     ``packed`` packs a checkpoint's ternary layers to 2 bits in memory so decoding runs the
     compiled ops, as an export does; ``packed=False`` keeps the float training layers.
     """
-    from ternkit.export import check_tokenizer_fits, find_tokenizer, load_model, pack_model
+    from ternkit.export import load_model, pack_model, tokenizer_for
 
     source = Path(source)
     model, info = load_model(source)
-    tok_path = find_tokenizer(source, info.get("run_info", {}))
-    if tok_path is None or not tok_path.exists():
-        raise TernkitError(f"no tokenizer.json found for {source} (synthetic-task models have none); generate needs a "
-                           "text model trained with a tokenizer.")
-    tok = check_tokenizer_fits(tok_path, model.config.vocab_size, f"the model in {source}")
+    tok = tokenizer_for(source, info, model.config.vocab_size, "generate")
     if info["kind"] == "checkpoint" and packed:
         pack_model(model, "2bit")
     return model, tok
